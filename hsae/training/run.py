@@ -1,0 +1,140 @@
+"""One training job: activations cached, SAE trained, run dir written.
+
+Run dir contents: ``sae.safetensors``, ``cfg.json`` (rebuilds the SAE and finds its caches
+without Hydra), ``metrics.json`` (final validation metrics), ``checkpoints/`` (Lightning,
+for resuming), and the W&B or CSV logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+import hsae
+from hsae.backbones import make_backbone
+from hsae.cache import CacheRequest, get_or_build
+from hsae.config import RunConfig, flatten, to_objects
+from hsae.data import make_dataset
+from hsae.sae import save_sae
+from hsae.tracking import finish, make_logger
+from hsae.training.data import CacheDataModule
+from hsae.training.module import SAEModule
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val")
+
+
+def build_caches(cfg: RunConfig) -> dict[str, Path]:
+    """Build (or reuse) the train and val activation caches; returns their folders."""
+    backbone = make_backbone(cfg.backbone)
+    request = CacheRequest(
+        layer=cfg.backbone.layer,
+        tokens=cfg.backbone.tokens,
+        dtype=cfg.cache.dtype,
+        shard_rows=cfg.cache.shard_rows,
+        batch_size=cfg.cache.batch_size,
+        num_workers=cfg.cache.num_workers,
+        device=cfg.cache.device,
+    )
+    return {
+        split: get_or_build(
+            cfg.cache.dir, backbone, asdict(cfg.backbone), make_dataset(cfg.dataset, split), request
+        ).path
+        for split in SPLITS
+    }
+
+
+def run_name(cfg: RunConfig) -> str:
+    return f"{cfg.backbone.name}-l{cfg.backbone.layer}-{cfg.sae.arch}-n{cfg.sae.n_latents}-k{cfg.sae.k}"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def train(cfg_dict: DictConfig, run_dir: str | Path) -> dict[str, float]:
+    """Run one job; returns the final validation metrics (also in ``metrics.json``)."""
+    cfg: RunConfig = to_objects(cfg_dict, RunConfig)
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    caches = build_caches(cfg)
+
+    sae_cfg = {
+        "arch": cfg.sae.arch,
+        "d_model": cfg.backbone.d_model,
+        "n_latents": cfg.sae.n_latents,
+        "k": cfg.sae.k,
+    }
+    datamodule = CacheDataModule(
+        caches["train"],
+        caches["val"],
+        batch_size=cfg.optim.batch_size,
+        in_memory=cfg.optim.in_memory,
+        num_workers=cfg.optim.num_workers,
+    )
+    module = SAEModule(
+        sae=sae_cfg,
+        lr=cfg.optim.lr,
+        warmup_steps=cfg.optim.warmup_steps,
+        decay_fraction=cfg.optim.decay_fraction,
+    )
+    last_ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if last_ckpt.exists():
+        log.info("resuming from %s", last_ckpt)
+    elif cfg.optim.b_pre_init != "zeros":
+        module.sae.init_b_pre(datamodule.sample(4096, seed=cfg.seed), cfg.optim.b_pre_init)
+
+    resolved = OmegaConf.to_container(cfg_dict, resolve=True)
+    assert isinstance(resolved, dict)
+    config_flat = flatten(resolved) | {"sae.lr": module.lr, "hsae.version": hsae.__version__}
+    tags = [cfg.backbone.name, f"layer{cfg.backbone.layer}", cfg.sae.arch, cfg.dataset.name]
+    logger = make_logger(cfg.logger, run_dir, config_flat, run_name(cfg), tags)
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy,
+        num_nodes=cfg.trainer.num_nodes,
+        precision=cfg.trainer.precision,
+        max_epochs=cfg.optim.epochs,
+        logger=logger,
+        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)],
+        default_root_dir=str(run_dir),
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=str(last_ckpt) if last_ckpt.exists() else None
+    )
+    (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = {key.removeprefix("val/"): float(value) for key, value in final.items()}
+
+    if trainer.is_global_zero:
+        save_sae(module.sae, run_dir)
+        _write_json(
+            run_dir / "cfg.json",
+            {
+                "hsae_version": hsae.__version__,
+                "sae": module.sae.config() | {"lr": module.lr},
+                "cache": {split: str(path) for split, path in caches.items()},
+                "backbone": asdict(cfg.backbone),
+                "dataset": asdict(cfg.dataset),
+                "seed": cfg.seed,
+                "config": resolved,
+            },
+        )
+        _write_json(run_dir / "metrics.json", metrics)
+        finish(logger, metrics)
+        log.info("run dir: %s", run_dir)
+    return metrics
