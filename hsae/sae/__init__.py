@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,22 @@ def make_sae(arch: str, **kwargs: Any) -> nn.Module:
     if arch not in SAE_REGISTRY:
         raise HsaeError(f"sae.arch={arch!r} is not known; valid: {', '.join(sorted(SAE_REGISTRY))}")
     return SAE_REGISTRY[arch](**kwargs)
+
+
+def sae_kwargs(sae_cfg: Any, d_model: int) -> dict[str, Any]:
+    """Constructor arguments of ``sae_cfg.arch`` taken from an ``SAEConfig``.
+
+    The config holds every architecture's fields (one flat namespace, so W&B compares
+    ``sae.k`` across runs); each architecture takes the ones its ``__init__`` names.
+    """
+    if sae_cfg.arch not in SAE_REGISTRY:
+        raise HsaeError(
+            f"sae.arch={sae_cfg.arch!r} is not known; valid: {', '.join(sorted(SAE_REGISTRY))}"
+        )
+    params = inspect.signature(SAE_REGISTRY[sae_cfg.arch].__init__).parameters
+    fields = {f.name: getattr(sae_cfg, f.name) for f in dataclasses.fields(sae_cfg)}
+    kwargs = {name: value for name, value in fields.items() if name in params}
+    return {"arch": sae_cfg.arch, **kwargs, "d_model": d_model}
 
 
 def save_sae(sae: nn.Module, directory: str | Path) -> Path:

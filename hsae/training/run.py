@@ -22,7 +22,7 @@ from hsae.backbones import make_backbone
 from hsae.cache import CacheRequest, get_or_build
 from hsae.config import RunConfig, flatten, to_objects
 from hsae.data import make_dataset
-from hsae.sae import save_sae
+from hsae.sae import sae_kwargs, save_sae
 from hsae.tracking import finish, make_logger
 from hsae.training.data import CacheDataModule
 from hsae.training.module import SAEModule
@@ -69,12 +69,7 @@ def train(cfg_dict: DictConfig, run_dir: str | Path) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     caches = build_caches(cfg)
 
-    sae_cfg = {
-        "arch": cfg.sae.arch,
-        "d_model": cfg.backbone.d_model,
-        "n_latents": cfg.sae.n_latents,
-        "k": cfg.sae.k,
-    }
+    sae_cfg = sae_kwargs(cfg.sae, cfg.backbone.d_model)
     datamodule = CacheDataModule(
         caches["train"],
         caches["val"],

@@ -1,0 +1,47 @@
+"""Shared fixtures: offline environment, Hydra compose of the real configs, tiny runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Before anything imports huggingface_hub or wandb: no hub look-ups (they hang ~50 s
+# offline), no W&B network, nothing written to the home folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+# A run of a few seconds: 512 train / 256 val images, 2 epochs, CSV logs.
+TINY = ["experiment=smoke", "logger=csv"]
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """``compose(overrides, config_name="train")`` -> the composed DictConfig."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from hsae.config import register_configs
+
+    register_configs()
+
+    def _compose(overrides=(), config_name="train"):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from hsae.backbones import make_backbone
+    from hsae.config import BackboneConfig
+
+    return make_backbone(
+        BackboneConfig(name="tiny_vit", model_name="hsae-tiny-vit", d_model=128, layer=2)
+    )
