@@ -7,7 +7,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from hsae.cli import user_errors_exit
+from hsae.cli import check_ddp_launcher, isolated_job, user_errors_exit
 from hsae.config import register_configs
 
 
@@ -16,7 +16,9 @@ from hsae.config import register_configs
 def main(cfg: DictConfig) -> float:
     from hsae.training.run import train  # heavy imports after Hydra has parsed the command
 
-    metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    check_ddp_launcher(cfg.trainer.strategy, cfg.trainer.devices)
+    with isolated_job(__file__):
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
     return metrics[cfg.objective]
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import read_write
 
 from hsae.errors import HsaeError
-
-log = logging.getLogger("hsae")
 
 
 def user_errors_exit(task: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,3 +34,51 @@ def user_errors_exit(task: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def isolated_job(script: str) -> Iterator[None]:
+    """Run one job of a multirun so that it leaves nothing behind for the next one, and
+    so that Lightning's DDP relaunch of ranks > 0 reruns this job, not the whole sweep.
+
+    Lightning starts the other ranks with this process's ``sys.argv`` plus
+    ``hydra.run.dir=<hydra.run.dir>`` (``_hydra_subprocess_cmd``). In a multirun, ``sys.argv``
+    holds the sweep (``-m``, comma lists) and ``hydra.run.dir`` is not the job's folder,
+    so each rank would start a new sweep in stray folders (Hydra #2070, Lightning #11300).
+    Here, for the job's duration, ``sys.argv`` is a single run of this job's overrides and
+    ``hydra.run.dir`` the job's own folder: every rank trains the same job in one dir.
+    Afterwards the process group is destroyed and the environment (``MASTER_PORT``,
+    ``LOCAL_RANK``, ``WANDB_DIR``, ...) restored, so the next job starts clean.
+    """
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+    hydra_cfg = HydraConfig.get()
+    argv, run_dir, environ = sys.argv, hydra_cfg.run.dir, dict(os.environ)
+    sys.argv = [script, *hydra_cfg.overrides.task, "hydra.mode=RUN"]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        with read_write(hydra_cfg):
+            hydra_cfg.run.dir = run_dir
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def check_ddp_launcher(strategy: str, devices: Any) -> None:
+    """Multi-process DDP can't start inside joblib's worker processes: say what works."""
+    if not HydraConfig.initialized() or "ddp" not in strategy:
+        return
+    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+    if "joblib" in launcher.lower():
+        raise HsaeError(
+            f"trainer.strategy={strategy} with hydra/launcher=joblib: DDP ranks cannot be started "
+            "from joblib's workers. Use the basic launcher (jobs one after another, each on all "
+            "GPUs), hydra/launcher=submitit_slurm (each SLURM task is a rank), or trainer=gpu "
+            "with joblib (one device per job)"
+        )

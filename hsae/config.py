@@ -5,6 +5,8 @@ value of the wrong type fails when the config is composed. ``__post_init__`` che
 when a config is turned into objects (``to_objects``) and say how to fix a bad value.
 """
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -153,12 +155,21 @@ class EvalConfig:
     device: str = "auto"
 
 
+def path_safe(text: str, max_len: int = 120) -> str:
+    """A folder name from overrides: no separators, bounded length (long ones hashed)."""
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", str(text))
+    if len(safe) > max_len:
+        safe = f"{safe[: max_len - 9]}_{hashlib.sha1(safe.encode()).hexdigest()[:8]}"
+    return safe
+
+
 def register_configs() -> None:
     """Register schemas and resolvers; call before Hydra composes (entry points, tests)."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b), replace=True)
+    OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
 
 
 def to_objects(cfg: DictConfig, schema: type) -> Any:

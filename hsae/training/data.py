@@ -1,8 +1,10 @@
 """A ``LightningDataModule`` over activation caches: train rows shuffled, val rows in order.
 
 Rows are fetched a batch at a time (``Dataset.__getitems__``), not one by one, so the
-loader costs one indexed copy per batch. Under DDP, Lightning's ``DistributedSampler``
-gives each rank a disjoint share of the rows.
+loader costs one indexed copy per batch. Under DDP, ``GlobalBatchSampler`` cuts every
+global batch into one contiguous share per rank: the ranks together see exactly the
+batches a single process would, so N ranks train like one process with the same
+global batch size.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hsae.cache import ActivationCache
+from hsae.errors import HsaeError
 
 
 class CacheRows(Dataset):
@@ -34,6 +37,59 @@ class CacheRows(Dataset):
         return self.cache.read(np.asarray(rows))
 
 
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Yields this rank's share of each global batch of a seeded per-epoch permutation."""
+
+    def __init__(
+        self,
+        n_rows: int,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+    ):
+        if global_batch % world_size:
+            raise HsaeError(
+                f"optim.batch_size={global_batch} must be divisible by the number of ranks "
+                f"({world_size}) so every rank gets an equal share"
+            )
+        self.n_rows, self.global_batch = n_rows, min(global_batch, n_rows)
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        # Training drops the last partial batch (equal steps); validation keeps every row.
+        self.drop_last = shuffle
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _n_global_batches(self) -> int:
+        if self.drop_last:
+            return self.n_rows // self.global_batch
+        return -(-self.n_rows // self.global_batch)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._shares())
+
+    def _shares(self):
+        for b in range(self._n_global_batches()):
+            start = b * self.global_batch
+            size = min(self.global_batch, self.n_rows - start)
+            share = -(-size // self.world_size)
+            lo, hi = start + self.rank * share, min(start + size, start + (self.rank + 1) * share)
+            if hi > lo:
+                yield lo, hi
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n_rows, generator=generator)
+        else:
+            order = torch.arange(self.n_rows)
+        for lo, hi in self._shares():
+            yield order[lo:hi].tolist()
+
+
 def _stack(batch: torch.Tensor) -> torch.Tensor:
     # __getitems__ already returns the batch as one tensor.
     return batch
@@ -47,8 +103,10 @@ class CacheDataModule(L.LightningDataModule):
         batch_size: int,
         in_memory: bool = True,
         num_workers: int = 0,
+        seed: int = 0,
     ):
         super().__init__()
+        self.seed = seed
         self.train_dir, self.val_dir = Path(train_dir), Path(val_dir)
         self.batch_size, self.in_memory, self.num_workers = batch_size, in_memory, num_workers
         self.train_rows: CacheRows | None = None
@@ -59,16 +117,13 @@ class CacheDataModule(L.LightningDataModule):
             self.train_rows = CacheRows(ActivationCache.open(self.train_dir), self.in_memory)
             self.val_rows = CacheRows(ActivationCache.open(self.val_dir), self.in_memory)
 
-    def _per_rank_batch(self) -> int:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        return max(1, self.batch_size // world)
-
     def _loader(self, rows: CacheRows, shuffle: bool) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        sampler = GlobalBatchSampler(len(rows), self.batch_size, rank, world, shuffle, self.seed)
         return DataLoader(
             rows,
-            batch_size=min(self._per_rank_batch(), len(rows)),
-            shuffle=shuffle,
-            drop_last=shuffle,  # equal-size steps; validation sees every row
+            batch_sampler=sampler,
             collate_fn=_stack,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),

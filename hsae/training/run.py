@@ -66,8 +66,10 @@ def train(cfg_dict: DictConfig, run_dir: str | Path) -> dict[str, float]:
     cfg: RunConfig = to_objects(cfg_dict, RunConfig)
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     caches = build_caches(cfg)
+    # Seed after caching: building a cache draws from the global RNG, and a run must start
+    # the same whether its caches were built now or reused.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     sae_cfg = sae_kwargs(cfg.sae, cfg.backbone.d_model)
     datamodule = CacheDataModule(
@@ -76,6 +78,7 @@ def train(cfg_dict: DictConfig, run_dir: str | Path) -> dict[str, float]:
         batch_size=cfg.optim.batch_size,
         in_memory=cfg.optim.in_memory,
         num_workers=cfg.optim.num_workers,
+        seed=cfg.seed,
     )
     module = SAEModule(
         sae=sae_cfg,
@@ -108,6 +111,7 @@ def train(cfg_dict: DictConfig, run_dir: str | Path) -> dict[str, float]:
         enable_progress_bar=cfg.trainer.enable_progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # GlobalBatchSampler shards batches across ranks
     )
     trainer.fit(
         module, datamodule=datamodule, ckpt_path=str(last_ckpt) if last_ckpt.exists() else None

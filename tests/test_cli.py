@@ -1,0 +1,103 @@
+"""The real entry points as a user runs them: train.py then evaluate.py, and user errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TINY
+
+
+def run(script: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    run_dir = tmp / "run"
+    result = run(
+        "train.py",
+        "experiment=smoke",  # W&B logger (offline here), tiny data
+        f"hydra.run.dir={run_dir}",
+        f"cache.dir={tmp / 'cache'}",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, result
+
+
+@pytest.mark.slow
+def test_train_writes_the_run_dir(trained_run):
+    run_dir, result = trained_run
+    for name in ("sae.safetensors", "cfg.json", "metrics.json", "checkpoints/last.ckpt"):
+        assert (run_dir / name).exists(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) >= {"mse", "fvu", "l0", "dead_fraction"}
+    assert 0 < metrics["fvu"] < 1
+    assert metrics["l0"] == pytest.approx(16)
+    cfg = json.loads((run_dir / "cfg.json").read_text())
+    assert cfg["sae"]["arch"] == "topk" and cfg["sae"]["n_latents"] == 1024
+    assert all((Path(p) / "manifest.json").exists() for p in cfg["cache"].values())
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert "wandb sync" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_recomputes_the_metrics(trained_run):
+    run_dir, _ = trained_run
+    result = run("evaluate.py", f"run_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fvu" in result.stdout
+    evaluated = json.loads((run_dir / "eval.json").read_text())["metrics"]
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    for name in ("fvu", "mse", "l0", "dead_fraction"):
+        assert evaluated[name] == pytest.approx(trained[name], rel=1e-4, abs=1e-6), name
+    assert not (ROOT / "outputs").exists(), "evaluate.py must not leave Hydra output dirs"
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for word in words:
+        assert word in errors[0]
+
+
+@pytest.mark.slow
+def test_evaluate_missing_run_dir(tmp_path):
+    assert_one_line_error(run("evaluate.py", f"run_dir={tmp_path / 'nope'}"), "does not exist")
+
+
+@pytest.mark.slow
+def test_evaluate_run_dir_without_weights(tmp_path):
+    assert_one_line_error(run("evaluate.py", f"run_dir={tmp_path}"), "sae.safetensors")
+
+
+@pytest.mark.slow
+def test_train_layer_out_of_range(tmp_path):
+    result = run(
+        "train.py",
+        *TINY,
+        "backbone.layer=12",
+        f"hydra.run.dir={tmp_path}/r",
+        f"cache.dir={tmp_path}/c",
+    )
+    assert_one_line_error(result, "backbone.layer=12", "0..3")
+
+
+@pytest.mark.slow
+def test_unknown_config_choice_lists_valid_ones():
+    result = run("train.py", "backbone=not_a_backbone")
+    assert result.returncode != 0
+    assert "Available options in 'backbone'" in result.stderr
+    assert "tiny_vit" in result.stderr
