@@ -1,15 +1,26 @@
-"""Evaluate a finished run: ``python evaluate.py run_dir=<run dir>``; writes eval.json there."""
+"""Evaluate a finished run, or compare many:
+
+python evaluate.py run_dir=<run dir>        # metrics on the held-out split -> eval.json
+python evaluate.py compare=<multirun dir>   # tables + plots -> <multirun dir>/compare/
+"""
 
 import hydra
 from omegaconf import DictConfig
 
 from hsae.cli import user_errors_exit
-from hsae.config import register_configs
+from hsae.config import EvalConfig, register_configs, to_objects
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 @user_errors_exit
-def main(cfg: DictConfig) -> None:
+def main(cfg_dict: DictConfig) -> None:
+    cfg: EvalConfig = to_objects(cfg_dict, EvalConfig)
+    if cfg.compare is not None:
+        from hsae.compare import compare
+
+        for label, path in compare(cfg.compare, cfg.x, cfg.y).items():
+            print(f"{label}: {path}")
+        return
     from hsae.evaluation import evaluate_run, format_table
 
     metrics = evaluate_run(cfg.run_dir, cfg.split, cfg.batch_size, cfg.device)

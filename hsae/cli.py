@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +32,8 @@ def user_errors_exit(task: Callable[..., Any]) -> Callable[..., Any]:
             return task(*args, **kwargs)
         except HsaeError as e:
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                # Into this job's log; the launcher records the failure and runs the rest.
+                logging.getLogger("hsae").error("job failed: %s", e)
                 raise
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -82,3 +87,29 @@ def check_ddp_launcher(strategy: str, devices: Any) -> None:
             "GPUs), hydra/launcher=submitit_slurm (each SLURM task is a rank), or trainer=gpu "
             "with joblib (one device per job)"
         )
+
+
+def job_labels() -> tuple[str | None, str | None]:
+    """W&B run name and group for this job: in a multirun, the job's overrides and the
+    sweep folder (so a sweep's runs group together); in a single run, neither."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None, None
+    hydra_cfg = HydraConfig.get()
+    overrides = hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}"
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    return overrides, f"{sweep_dir.parent.name}_{sweep_dir.name}"
+
+
+def sweep_objective(
+    metrics: dict[str, float], objective: str, target_l0: float | None, l0_penalty: float
+) -> float:
+    """The number a sweeper optimises: ``metrics[objective]``, plus a penalty on the distance
+    to ``target_l0`` in log space when set (so fvu is compared at matched sparsity)."""
+    if objective not in metrics:
+        raise HsaeError(
+            f"objective={objective!r} is not a metric of this run; valid: {', '.join(sorted(metrics))}"
+        )
+    value = float(metrics[objective])
+    if target_l0 is not None:
+        value += l0_penalty * abs(math.log(max(metrics["l0"], 1e-6) / target_l0))
+    return value

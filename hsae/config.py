@@ -17,6 +17,8 @@ from hsae.errors import HsaeError
 
 TOKENS = ("cls", "patch", "mean", "all")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
+BACKBONE_LOADERS = ("open_clip", "hf", "timm", "torchvision")
+DATASETS = ("synthetic", "image_folder", "imagenet", "cifar100", "hierarcaps", "activations")
 
 
 def _check_choice(what: str, value: object, valid: tuple) -> None:
@@ -34,9 +36,14 @@ def _check_positive(what: str, value: float) -> None:
 @dataclass
 class BackboneConfig:
     name: str = MISSING  # the config's name, e.g. tiny_vit; used in run names and W&B tags
-    loader: str = "open_clip"
-    model_name: str = MISSING  # open_clip model name (its own or one of hsae's model_configs)
-    pretrained: Optional[str] = None  # noqa: UP045 - open_clip tag or local checkpoint; None = random init
+    loader: str = "open_clip"  # open_clip | hf | timm | torchvision
+    # open_clip: model config name (its own or hsae's model_configs); hf: hub id or local
+    # folder; timm: model name with optional tag; torchvision: builder name (resnet50)
+    model_name: str = MISSING
+    # Where the weights come from. None = random init (open_clip, timm, torchvision).
+    # open_clip: tag or checkpoint path; timm: "hub" or checkpoint path; torchvision: weights
+    # name (IMAGENET1K_V1, DEFAULT) or state-dict path; hf: optional hub revision to pin.
+    pretrained: Optional[str] = None  # noqa: UP045
     init_seed: int = 0  # seeds the random initialisation when pretrained is None
     d_model: int = MISSING  # width of the hooked blocks; checked against the model when loaded
     layer: int = MISSING  # block index whose output is captured (0-based)
@@ -44,7 +51,7 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         _check_choice("backbone.tokens", self.tokens, TOKENS)
-        _check_choice("backbone.loader", self.loader, ("open_clip",))
+        _check_choice("backbone.loader", self.loader, BACKBONE_LOADERS)
         _check_positive("backbone.d_model", self.d_model)
 
 
@@ -54,12 +61,29 @@ class DatasetConfig:
     image_size: int = 64
     n_train: int = 4096
     n_val: int = 1024
-    seed: int = 0
-    max_images: Optional[int] = None  # noqa: UP045 - cap per split for quick runs
+    seed: int = 0  # synthetic: the images; file datasets: the max_images subset and split
+    max_images: Optional[int] = None  # noqa: UP045 - per split, a seeded random subset
+    # The data on disk (checked when the dataset is made, not here, so every config
+    # composes on any machine): a folder of images, a CIFAR-100 root, or an activations file.
+    path: Optional[str] = None  # noqa: UP045
+    val_path: Optional[str] = None  # noqa: UP045 - activations: the val split's file
+    # Folders without train/ and val/ subfolders, and activation files without val_path,
+    # hold out this seeded fraction as the val split.
+    val_fraction: float = 0.1
+    hierarchy: Optional[str] = None  # noqa: UP045 - image_folder: class -> ancestors file
+    labels: Optional[str] = None  # noqa: UP045 - activations: .npy labels [rows] or [rows, levels]
+    key: Optional[str] = None  # noqa: UP045 - activations: tensor name in a .safetensors file
+    on_error: str = "skip"  # unreadable images: skip (counted, listed in the manifest) | raise
 
     def __post_init__(self) -> None:
+        _check_choice("dataset.name", self.name, DATASETS)
         _check_positive("dataset.n_train", self.n_train)
         _check_positive("dataset.n_val", self.n_val)
+        _check_choice("dataset.on_error", self.on_error, ("skip", "raise"))
+        if self.max_images is not None:
+            _check_positive("dataset.max_images", self.max_images)
+        if not 0 < self.val_fraction < 1:
+            raise HsaeError(f"dataset.val_fraction={self.val_fraction} must be in (0, 1)")
 
 
 @dataclass
@@ -70,6 +94,7 @@ class CacheConfig:
     batch_size: int = 256  # images per backbone forward
     num_workers: int = 0
     device: str = "auto"  # auto = cuda when available
+    verify: bool = False  # checksum every shard when a cache is opened (reads it all once)
 
     def __post_init__(self) -> None:
         _check_choice("cache.dtype", self.dtype, CACHE_DTYPES)
@@ -81,12 +106,77 @@ class SAEConfig:
     arch: str = "topk"
     expansion: int = 8
     n_latents: int = MISSING  # derived: backbone.d_model * sae.expansion
-    k: int = 16  # active latents per row (TopK)
+    k: int = 16  # active latents per row; parents per row for hierarchical
+    # relu, gated: L1 on Anthropic's April 2024 scale (see hsae.sae.base.l1_scale), warmed up
+    # linearly over the first part of training.
+    l1_coeff: float = 5.0
+    l1_warmup_fraction: float = 0.05
+    # topk, batchtopk, matryoshka, hierarchical: AuxK loss for dead latents (Gao et al. 2024).
+    k_aux: Optional[int] = None  # noqa: UP045 - None: d_model // 2
+    aux_coeff: float = 0.03125  # 1/32, the paper's
+    dead_tokens_threshold: int = 1_000_000  # rows without firing before a latent counts as dead
+    # batchtopk, matryoshka: EMA weight of each batch's smallest kept activation in the
+    # inference threshold.
+    threshold_momentum: float = 0.01
+    # jumprelu: in pre-activation units (the paper's values assume unit mean squared norm).
+    bandwidth: float = 0.001
+    sparsity_coeff: float = 0.001  # L0 penalty, in units of the FVU
+    sparsity_warmup_fraction: float = 0.1
+    init_threshold: float = 0.001
+    # matryoshka: nested groups (prefixes double in width), or random prefixes when > 0.
+    group_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.0625, 0.125, 0.25, 0.5])
+    n_random_prefixes: int = 0
+    activation: str = "batchtopk"  # topk | batchtopk inside matryoshka
+    # hierarchical: children per parent (n_latents = parents * (1 + n_children)), active per parent.
+    n_children: int = 3
+    k_child: int = 1
 
     def __post_init__(self) -> None:
         _check_positive("sae.n_latents", self.n_latents)
-        if not 0 < self.k <= self.n_latents:
-            raise HsaeError(f"sae.k={self.k} must be in 1..sae.n_latents ({self.n_latents})")
+        n_k = self.n_latents
+        if self.arch == "hierarchical":
+            _check_positive("sae.n_children", self.n_children)
+            if self.n_latents % (1 + self.n_children):
+                raise HsaeError(
+                    f"sae.n_latents={self.n_latents} must be a multiple of 1 + sae.n_children "
+                    f"({1 + self.n_children}); change sae.expansion or sae.n_children"
+                )
+            n_k = self.n_latents // (1 + self.n_children)
+            if not 0 < self.k_child <= self.n_children:
+                raise HsaeError(
+                    f"sae.k_child={self.k_child} must be in 1..sae.n_children ({self.n_children})"
+                )
+        uses_k = self.arch in ("topk", "batchtopk", "matryoshka", "hierarchical")
+        if uses_k and not 0 < self.k <= n_k:
+            raise HsaeError(
+                f"sae.k={self.k} must be in 1..{n_k} for sae.arch={self.arch}; lower sae.k"
+            )
+        if self.l1_coeff < 0:
+            raise HsaeError(f"sae.l1_coeff={self.l1_coeff} must be >= 0 (Anthropic's recipe: ~5)")
+        for name in ("l1_warmup_fraction", "sparsity_warmup_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise HsaeError(f"sae.{name}={getattr(self, name)} must be in [0, 1]")
+        if self.k_aux is not None and self.k_aux <= 0:
+            raise HsaeError(f"sae.k_aux={self.k_aux} must be > 0, or null for d_model // 2")
+        if self.aux_coeff < 0:
+            raise HsaeError(f"sae.aux_coeff={self.aux_coeff} must be >= 0 (0 turns AuxK off)")
+        _check_positive("sae.dead_tokens_threshold", self.dead_tokens_threshold)
+        if not 0 < self.threshold_momentum <= 1:
+            raise HsaeError(f"sae.threshold_momentum={self.threshold_momentum} must be in (0, 1]")
+        _check_positive("sae.bandwidth", self.bandwidth)
+        _check_positive("sae.init_threshold", self.init_threshold)
+        if self.sparsity_coeff < 0:
+            raise HsaeError(f"sae.sparsity_coeff={self.sparsity_coeff} must be >= 0")
+        if not self.group_fractions or min(self.group_fractions) <= 0:
+            raise HsaeError(f"sae.group_fractions={list(self.group_fractions)} must be numbers > 0")
+        if abs(sum(self.group_fractions) - 1) > 1e-6:
+            raise HsaeError(
+                f"sae.group_fractions={list(self.group_fractions)} sums to "
+                f"{sum(self.group_fractions):.6g}; the groups must share out the dictionary (sum to 1)"
+            )
+        if self.n_random_prefixes < 0:
+            raise HsaeError(f"sae.n_random_prefixes={self.n_random_prefixes} must be >= 0")
+        _check_choice("sae.activation", self.activation, ("topk", "batchtopk"))
 
 
 @dataclass
@@ -138,6 +228,11 @@ class RunConfig:
     task_name: str = "train"
     seed: int = 0
     objective: str = "fvu"  # the metric train.py returns to Hydra sweepers (Optuna)
+    skip_finished: bool = True  # a run dir that already holds metrics.json is not retrained
+    # With target_l0 set, train.py returns objective + l0_penalty * |ln(l0 / target_l0)|,
+    # so a search (Optuna) finds the best objective at that sparsity.
+    target_l0: Optional[float] = None  # noqa: UP045
+    l0_penalty: float = 1.0
     backbone: BackboneConfig = MISSING
     dataset: DatasetConfig = MISSING
     sae: SAEConfig = MISSING
@@ -149,10 +244,22 @@ class RunConfig:
 
 @dataclass
 class EvalConfig:
-    run_dir: str = MISSING
+    run_dir: Optional[str] = None  # noqa: UP045 - evaluate one run
+    compare: Optional[str] = None  # noqa: UP045 - compare every run under this folder
+    x: Optional[str] = None  # noqa: UP045 - compare: an extra plot of y against x (config key or metric)
+    y: Optional[str] = None  # noqa: UP045
     split: str = "val"
     batch_size: int = 4096
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if (self.run_dir is None) == (self.compare is None):
+            raise HsaeError(
+                "pass exactly one of run_dir=<run dir> (evaluate a run) or "
+                "compare=<multirun dir> (compare its runs)"
+            )
+        if (self.x is None) != (self.y is None):
+            raise HsaeError("compare plots need both x=<key> and y=<key>")
 
 
 def path_safe(text: str, max_len: int = 120) -> str:

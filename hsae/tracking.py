@@ -1,15 +1,19 @@
 """Experiment tracking: Lightning's ``WandbLogger`` (offline without credentials) or CSV.
 
-All of W&B's files (runs, cache, config, artifacts staging) go inside the run dir, so a
+All of W&B's files (runs, cache, config, artifact staging) go inside the run dir, so a
 job leaves nothing in the home folder and an offline run can be synced later with the
-``wandb sync`` command printed at the end.
+``wandb sync`` command printed at the end. W&B is never allowed to kill training: if it
+cannot start, the run falls back to CSV logs; if a later W&B call fails, it warns and
+the run's local files (metrics.json, sae.safetensors) are written all the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import netrc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +43,29 @@ def wandb_mode(requested: str | None) -> str:
     return "online" if has_wandb_credentials() else "offline"
 
 
+@contextlib.contextmanager
+def wandb_guard(what: str) -> Iterator[None]:
+    """Turn a W&B failure (network, quota, a bad media object) into a warning."""
+    try:
+        yield
+    except Exception as e:  # W&B raises many types; none of them may stop training
+        log.warning(
+            "W&B: could not %s (%s: %s); local files are unaffected", what, type(e).__name__, e
+        )
+
+
 def make_logger(
-    cfg: LoggerConfig, run_dir: Path, config_flat: dict[str, Any], name: str, tags: list[str]
+    cfg: LoggerConfig,
+    run_dir: Path,
+    config_flat: dict[str, Any],
+    name: str,
+    tags: list[str],
+    group: str | None = None,
+    job_type: str = "train",
 ) -> Logger:
+    csv = CSVLogger(save_dir=str(run_dir), name="csv", version="")
     if cfg.kind == "csv":
-        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        return csv
     wandb_dir = run_dir / "wandb"
     for var, sub in (
         ("WANDB_CACHE_DIR", "cache"),
@@ -55,31 +77,68 @@ def make_logger(
     os.environ["WANDB_DIR"] = str(run_dir)  # W&B adds its own "wandb/" below this
     wandb_dir.mkdir(parents=True, exist_ok=True)
     mode = wandb_mode(cfg.mode)
-    logger = WandbLogger(
-        name=name,
-        project=cfg.project,
-        entity=cfg.entity,
-        group=cfg.group,
-        tags=sorted(set(cfg.tags) | set(tags)),
-        save_dir=str(run_dir),
-        offline=mode == "offline",
-        mode=mode,
-        job_type="train",
-        config=config_flat,
-    )
+    try:
+        logger = WandbLogger(
+            name=name,
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group or group,
+            tags=sorted(set(cfg.tags) | set(tags)),
+            save_dir=str(run_dir),
+            offline=mode == "offline",
+            mode=mode,
+            job_type=job_type,
+            config=config_flat,
+        )
+        logger.experiment  # noqa: B018 - start the run now, so a failure falls back here
+    except Exception as e:
+        log.warning(
+            "W&B could not start (%s: %s); logging to CSV in %s instead",
+            type(e).__name__,
+            e,
+            run_dir / "csv",
+        )
+        return csv
     return logger
 
 
-def finish(logger: Logger, metrics: dict[str, float]) -> None:
-    """Write the final metrics as W&B summary keys and close the run."""
+def log_summary(logger: Logger, metrics: dict[str, float]) -> None:
+    """Final metrics as W&B summary keys (the names in docs/metrics.md)."""
+    if isinstance(logger, WandbLogger):
+        with wandb_guard("write the summary"):
+            logger.experiment.summary.update(metrics)
+
+
+def log_artifacts(logger: Logger, run_dir: Path, cache_dirs: dict[str, Path], name: str) -> None:
+    """The SAE as an artifact, the caches' manifests as references: the run's lineage."""
     if not isinstance(logger, WandbLogger):
         return
     import wandb
 
-    run = logger.experiment
-    run.summary.update(metrics)
-    offline = run.settings.mode == "offline" or getattr(run, "offline", False)
-    run_path = Path(run.dir).parent if run.dir else None
-    wandb.finish()
-    if offline and run_path is not None:
-        log.info("W&B run saved offline; upload it with: wandb sync %s", run_path)
+    with wandb_guard("log the SAE artifact"):
+        artifact = wandb.Artifact(name=f"sae-{name}", type="sae")
+        artifact.add_file(str(run_dir / "sae.safetensors"))
+        artifact.add_file(str(run_dir / "cfg.json"))
+        logger.experiment.log_artifact(artifact)
+    for split, cache_dir in cache_dirs.items():
+        with wandb_guard(f"log the {split} cache reference"):
+            ref = wandb.Artifact(name=f"cache-{Path(cache_dir).name}", type="activation-cache")
+            ref.add_reference(f"file://{Path(cache_dir) / 'manifest.json'}", checksum=True)
+            run = logger.experiment
+            # An input of this run; offline runs cannot "use" artifacts, so they log it.
+            (run.log_artifact if run.settings.mode == "offline" else run.use_artifact)(ref)
+
+
+def finish(logger: Logger) -> None:
+    """Close the W&B run; for an offline run, say how to upload it."""
+    if not isinstance(logger, WandbLogger):
+        return
+    import wandb
+
+    with wandb_guard("close the run"):
+        run = logger.experiment
+        offline = run.settings.mode == "offline"
+        run_path = Path(run.dir).parent if run.dir else None
+        wandb.finish()
+        if offline and run_path is not None:
+            log.info("W&B run saved offline; upload it with: wandb sync %s", run_path)

@@ -27,7 +27,7 @@ class SAEModule(L.LightningModule):
         decay_fraction: float = 0.2,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the flat run config is logged instead
         self.sae = make_sae(**sae)
         self.lr = lr if lr is not None else default_lr(sae["n_latents"])
         self.val_metrics = make_sae_metrics(sae["d_model"], sae["n_latents"], prefix="val/")
@@ -36,6 +36,8 @@ class SAEModule(L.LightningModule):
         return self.sae(x)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if hasattr(self.sae, "set_progress"):  # sparsity-coefficient warm-up
+            self.sae.set_progress(self.global_step, int(self.trainer.estimated_stepping_batches))
         out = self.sae(batch)
         if not torch.isfinite(out.loss):
             raise HsaeError(

@@ -1,0 +1,223 @@
+"""Compare finished runs without the dashboard: a table (Markdown + CSV) and plots (PNG)
+from every run dir under a folder (a multirun dir, or any tree of them).
+
+Runs that differ only in ``seed`` are pooled: each metric is reported as the mean with a
+95% confidence interval (Student t over seeds) next to the number of seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from hsae.config import flatten
+from hsae.errors import HsaeError
+
+# Config keys that say what a run is, shown first in tables.
+ID_KEYS = (
+    "backbone.name",
+    "backbone.layer",
+    "backbone.tokens",
+    "sae.arch",
+    "sae.n_latents",
+    "sae.k",
+)
+# Keys that never distinguish runs (paths, logging, plumbing).
+IGNORED = (
+    "cache.dir",
+    "logger.",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "skip_finished",
+)
+# Two-sided 95% Student t quantiles by degrees of freedom (normal beyond 30).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+
+
+def t95(dof: int) -> float:
+    known = [d for d in sorted(_T95) if d <= dof]
+    return _T95[known[-1]] if dof <= 30 else 1.96
+
+
+def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per finished run under ``root`` (flat config keys + metrics, + ``eval/...``
+    from eval.json), and the metric names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise HsaeError(
+            f"compare={root} is not a folder; pass a multirun dir (multirun/<date>/<time>)"
+        )
+    rows, metrics = [], set()
+    for metrics_path in sorted(root.rglob("metrics.json")):
+        run_dir = metrics_path.parent
+        if not (run_dir / "cfg.json").exists():
+            continue
+        cfg = json.loads((run_dir / "cfg.json").read_text())
+        row: dict[str, Any] = {
+            k: v for k, v in flatten(cfg["config"]).items() if not k.startswith(IGNORED)
+        }
+        row["run_dir"] = str(run_dir.relative_to(root))
+        run_metrics = json.loads(metrics_path.read_text())
+        if (run_dir / "eval.json").exists():
+            evaluated = json.loads((run_dir / "eval.json").read_text())["metrics"]
+            run_metrics |= {f"eval/{k}": v for k, v in evaluated.items()}
+        row.update(run_metrics)
+        metrics |= set(run_metrics)
+        rows.append(row)
+    if not rows:
+        raise HsaeError(f"no finished runs (run dirs with metrics.json and cfg.json) under {root}")
+    return rows, sorted(metrics)
+
+
+def pool_seeds(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
+    """Group runs that differ only in seed; metrics become mean, ci95 and n."""
+    varying = [
+        k
+        for k in sorted({k for r in rows for k in r})
+        if k not in metrics and k not in ("seed", "run_dir")
+    ]
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(json.dumps(row.get(k), sort_keys=True) for k in varying)].append(row)
+    pooled = []
+    for members in groups.values():
+        out = {k: members[0].get(k) for k in varying}
+        out["n_seeds"] = len(members)
+        for name in metrics:
+            values = [float(m[name]) for m in members if m.get(name) is not None]
+            if not values:
+                continue
+            mean = sum(values) / len(values)
+            out[name] = mean
+            if len(values) > 1:
+                sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                out[f"{name}_ci95"] = t95(len(values) - 1) * sd / math.sqrt(len(values))
+        pooled.append(out)
+    return pooled
+
+
+def _columns(rows: list[dict[str, Any]], metrics: list[str]) -> list[str]:
+    keys = {k for r in rows for k in r}
+    varying = [
+        k
+        for k in sorted(keys - set(metrics) - set(ID_KEYS))
+        if not k.endswith("_ci95")
+        and k != "n_seeds"
+        and len({json.dumps(r.get(k)) for r in rows}) > 1
+    ]
+    ids = [k for k in ID_KEYS if k in keys]
+    shown = []
+    for m in metrics:
+        shown.append(m)
+        if f"{m}_ci95" in keys:
+            shown.append(f"{m}_ci95")
+    return ids + varying + (["n_seeds"] if "n_seeds" in keys else []) + shown
+
+
+def write_tables(
+    rows: list[dict[str, Any]], metrics: list[str], out_dir: Path
+) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = _columns(rows, metrics)
+    rows = sorted(rows, key=lambda r: tuple(json.dumps(r.get(k)) for k in columns[:6]))
+    csv_path, md_path = out_dir / "runs.csv", out_dir / "runs.md"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, csv_path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten on both axes (lower x = sparser, lower y = better), sorted by x."""
+    front, best_y = [], math.inf
+    for x, y in sorted(points):
+        if y < best_y:
+            front.append((x, y))
+            best_y = y
+    return front
+
+
+def plot_xy(
+    rows: list[dict[str, Any]],
+    x: str,
+    y: str,
+    out_path: Path,
+    group_by: tuple[str, ...],
+    front: bool = False,
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    for row in rows:
+        if row.get(x) is None or row.get(y) is None:
+            continue
+        label = " / ".join(str(row.get(k)) for k in group_by if k in row)
+        series[label or "runs"].append(
+            (float(row[x]), float(row[y]), float(row.get(f"{y}_ci95") or 0.0))
+        )
+    if not series:
+        raise HsaeError(
+            f"no run has both {x!r} and {y!r}; valid keys: {', '.join(sorted({k for r in rows for k in r}))}"
+        )
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        xs, ys, err = zip(*pts, strict=True)
+        line = ax.errorbar(xs, ys, yerr=err, fmt="o", ms=4, capsize=2, label=label)
+        if front:
+            fx, fy = zip(*pareto_front([(a, b) for a, b, _ in pts]), strict=True)
+            ax.plot(fx, fy, "-", color=line[0].get_color(), alpha=0.7)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if x in ("l0", "sae.n_latents", "sae.k"):
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title=" / ".join(group_by), title_fontsize=7)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+def compare(root: str | Path, x: str | None = None, y: str | None = None) -> dict[str, Path]:
+    """Tables and plots for every run under ``root``, written to ``root/compare/``."""
+    root = Path(root).resolve()
+    rows, metrics = collect_runs(root)
+    pooled = pool_seeds(rows, metrics)
+    out_dir = root / "compare"
+    md_path, csv_path = write_tables(pooled, metrics, out_dir)
+    outputs = {"table_md": md_path, "table_csv": csv_path}
+    group = ("backbone.name", "backbone.layer", "sae.arch")
+    if all("l0" in r and "fvu" in r for r in pooled):
+        outputs["fvu_vs_l0"] = plot_xy(
+            pooled, "l0", "fvu", out_dir / "fvu_vs_l0.png", group, front=True
+        )
+    if all("dead_fraction" in r and "sae.n_latents" in r for r in pooled):
+        outputs["dead_vs_width"] = plot_xy(
+            pooled,
+            "sae.n_latents",
+            "dead_fraction",
+            out_dir / "dead_fraction_vs_n_latents.png",
+            group,
+        )
+    if x and y:
+        name = f"{y}_vs_{x}".replace("/", "_")
+        outputs[name] = plot_xy(pooled, x, y, out_dir / f"{name}.png", group)
+    return outputs

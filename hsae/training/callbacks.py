@@ -1,0 +1,92 @@
+"""Extras logged at the end of training, outside the training maths: the feature-density
+histogram, a grid of top-activating images for a sample of latents, and a per-latent
+table (W&B only; the local run dir has the numbers in metrics.json)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torchvision.utils import make_grid
+
+from hsae.latents import collect_latent_stats, highlight_patch
+from hsae.tracking import wandb_guard
+
+log = logging.getLogger(__name__)
+
+
+class LatentReport(L.Callback):
+    def __init__(
+        self,
+        load_image: Callable[[int], torch.Tensor],
+        class_names: list[str],
+        n_latents_shown: int = 8,
+        top_n: int = 9,
+        seed: int = 0,
+    ):
+        self.load_image, self.class_names = load_image, class_names
+        self.n_latents_shown, self.top_n, self.seed = n_latents_shown, top_n, seed
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (trainer.is_global_zero and isinstance(trainer.logger, WandbLogger)):
+            return
+        with wandb_guard("log the latent report"):
+            self._report(trainer, pl_module)
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import wandb
+
+        cache = trainer.datamodule.val_rows.cache  # type: ignore[attr-defined]
+        stats = collect_latent_stats(
+            pl_module.sae, cache, top_n=self.top_n, device=pl_module.device
+        )
+        run = trainer.logger.experiment  # type: ignore[union-attr]
+        log10_density = torch.log10(stats.frequency_k.clamp_min(1e-7)).numpy()
+        run.log({"latents/log10_density": wandb.Histogram(log10_density)})
+
+        alive = np.flatnonzero(stats.frequency_k.numpy() > 0)
+        rng = np.random.default_rng(self.seed)
+        shown = np.sort(
+            rng.choice(alive, size=min(self.n_latents_shown, len(alive)), replace=False)
+        )
+        token_index = cache.manifest["token_index"]
+        fine_labels = cache.labels_nl[:, -1]
+        images, rows = [], []
+        for latent in shown:
+            tiles = [
+                highlight_patch(self.load_image(int(image_id)), int(token), token_index)
+                for image_id, token in zip(
+                    stats.top_images_kt[latent], stats.top_tokens_kt[latent], strict=True
+                )
+                if image_id >= 0
+            ]
+            # Blank tiles keep every grid the same size when a latent fired on few images.
+            tiles += [torch.zeros_like(tiles[0])] * (self.top_n - len(tiles))
+            grid = make_grid(torch.stack(tiles), nrow=int(np.ceil(np.sqrt(self.top_n))), padding=1)
+            images.append(wandb.Image(grid, caption=f"latent {latent}"))
+        for latent in range(len(stats.frequency_k)):
+            top = stats.top_images_kt[latent]
+            labels = fine_labels[top[top >= 0].numpy()] if (top >= 0).any() else np.array([], int)
+            names, counts = np.unique(labels, return_counts=True)
+            order = np.argsort(-counts)[:3]
+            top_labels = ", ".join(f"{self.class_names[names[i]]} ({counts[i]})" for i in order)
+            rows.append(
+                [
+                    latent,
+                    float(stats.frequency_k[latent]),
+                    float(stats.mean_act_k[latent]),
+                    top_labels,
+                ]
+            )
+        run.log(
+            {
+                "latents/top_images": images,
+                "latents/table": wandb.Table(
+                    columns=["latent", "density", "mean_activation", "top_labels"], data=rows
+                ),
+            }
+        )
