@@ -101,3 +101,33 @@ def test_unknown_config_choice_lists_valid_ones():
     assert result.returncode != 0
     assert "Available options in 'backbone'" in result.stderr
     assert "tiny_vit" in result.stderr
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_has_flat_config_and_summary_keys(trained_run):
+    from tests.wandb_offline import read_run
+
+    run_dir, _ = trained_run
+    run = read_run(run_dir)
+    for key in (
+        "backbone.name",
+        "backbone.layer",
+        "sae.arch",
+        "sae.n_latents",
+        "sae.k",
+        "sae.lr",
+        "dataset.name",
+    ):
+        assert key in run["config"], key
+    assert run["config"]["backbone.layer"] == 2
+    for key in ("fvu", "mse", "l0", "dead_fraction"):
+        assert key in run["summary"], key
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert run["summary"]["fvu"] == pytest.approx(metrics["fvu"])
+    assert {"tiny_vit", "topk", "layer2"} <= set(run["tags"])
+    assert run["job_type"] == "train"
+    assert {"train/loss", "val/fvu"} <= run["history_keys"]
+    assert "latents/top_images/count" in run["history_keys"]
+    assert "latents/table/nrows" in run["history_keys"]
+    assert ("sae", f"sae-{run['name']}") in run["artifacts"]
+    assert sum(kind == "activation-cache" for kind, _ in run["artifacts"]) == 2
