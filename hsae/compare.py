@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 from hsae.config import flatten
 from hsae.errors import HsaeError
+
+log = logging.getLogger(__name__)
 
 # Config keys that say what a run is, shown first in tables.
 ID_KEYS = (
@@ -62,6 +65,7 @@ def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
             k: v for k, v in flatten(cfg["config"]).items() if not k.startswith(IGNORED)
         }
         row["run_dir"] = str(run_dir.relative_to(root))
+        row["backbone.fingerprint"] = _image_tower_fingerprint(cfg)
         run_metrics = json.loads(metrics_path.read_text())
         if (run_dir / "eval.json").exists():
             evaluated = json.loads((run_dir / "eval.json").read_text())["metrics"]
@@ -72,6 +76,30 @@ def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     if not rows:
         raise HsaeError(f"no finished runs (run dirs with metrics.json and cfg.json) under {root}")
     return rows, sorted(metrics)
+
+
+def _image_tower_fingerprint(cfg: dict) -> str | None:
+    manifest = Path(cfg.get("cache", {}).get("train", "")) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text())["spec"]["backbone"].get("fingerprint")
+
+
+def same_image_tower(rows: list[dict[str, Any]]) -> list[str]:
+    """Warnings for backbones compared here whose image towers have identical weights
+    (e.g. CLIP and RE-CLIP, which fine-tunes only the text tower): their vision SAEs see
+    the same activations, so any difference between them is noise."""
+    names: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        if row.get("backbone.fingerprint"):
+            names[row["backbone.fingerprint"]].add(str(row.get("backbone.name")))
+    return [
+        f"backbones {', '.join(sorted(group))} have the same image-tower weights "
+        f"(fingerprint {fingerprint}): their vision activations are identical, so any "
+        "difference between their SAEs is noise, not the backbone"
+        for fingerprint, group in sorted(names.items())
+        if len(group) > 1
+    ]
 
 
 def pool_seeds(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
@@ -120,7 +148,7 @@ def _columns(rows: list[dict[str, Any]], metrics: list[str]) -> list[str]:
 
 
 def write_tables(
-    rows: list[dict[str, Any]], metrics: list[str], out_dir: Path
+    rows: list[dict[str, Any]], metrics: list[str], out_dir: Path, notes: list[str] = ()
 ) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = _columns(rows, metrics)
@@ -134,7 +162,8 @@ def write_tables(
     def cell(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [f"> **Note**: {note}\n" for note in notes]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, csv_path
@@ -200,9 +229,12 @@ def compare(root: str | Path, x: str | None = None, y: str | None = None) -> dic
     """Tables and plots for every run under ``root``, written to ``root/compare/``."""
     root = Path(root).resolve()
     rows, metrics = collect_runs(root)
+    notes = same_image_tower(rows)
+    for note in notes:
+        log.warning(note)
     pooled = pool_seeds(rows, metrics)
     out_dir = root / "compare"
-    md_path, csv_path = write_tables(pooled, metrics, out_dir)
+    md_path, csv_path = write_tables(pooled, metrics, out_dir, notes)
     outputs = {"table_md": md_path, "table_csv": csv_path}
     group = ("backbone.name", "backbone.layer", "sae.arch")
     if all("l0" in r and "fvu" in r for r in pooled):

@@ -1,0 +1,659 @@
+"""Step 3: how interpretable an SAE's latents are, measured against the label tree.
+
+Inputs are per-image latent activations ``acts_nk`` (``[n_images, n_latents]``, e.g. the max
+or mean of each latent over an image's rows), labels ``labels_nl`` and the ``Hierarchy``;
+some metrics also take the decoder ``[n_latents, d]``, the SAE's input features, a
+reference image embedding, or patch-level activations. A latent *fires* on an image when its
+activation is > 0. Its *top images* are the (at most ``n_top``) images with the largest
+activation among those it fires on; latents firing on fewer than ``min_fired`` images are
+not scored (their per-latent values are NaN; ``interp/scored_latents`` counts the rest).
+Everything is batched torch and runs on the tensors' device. ``interp_metrics`` returns the
+numbers under their documented names (docs/metrics.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hsae.errors import HsaeError
+from hsae.hierarchy import Hierarchy
+from hsae.metrics.hierarchy import (
+    ArrayLike,
+    as_features,
+    as_labels,
+    balanced_accuracy,
+    binary_probe_logits,
+    class_means,
+    fit_binary_probes,
+    fit_linear_probe,
+    fit_ovr_probes,
+    require_classes,
+    stratified_split,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _acts_and_labels(
+    acts_nk: ArrayLike, labels_nl: ArrayLike, hierarchy: Hierarchy
+) -> tuple[torch.Tensor, torch.Tensor]:
+    acts = as_features(acts_nk, "latent activations")
+    labels = as_labels(labels_nl, hierarchy, acts.shape[0], acts.device)
+    for level, name in enumerate(hierarchy.level_names):
+        require_classes(labels[:, level], f"interpretability metrics at level {name!r}")
+    return acts, labels
+
+
+# ---------------------------------------------------------------------------------------
+# Top-activating images, purity, entropy, level, taxonomy depth
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopImages:
+    index_kt: torch.Tensor
+    """``[n_latents, n_top]`` image indices, largest activation first."""
+    valid_kt: torch.Tensor
+    """Whether the latent fired (activation > 0) on that image."""
+
+    @property
+    def n_fired_k(self) -> torch.Tensor:
+        return self.valid_kt.sum(dim=1)
+
+
+def top_images(acts_nk: torch.Tensor, n_top: int) -> TopImages:
+    if n_top < 2:
+        raise HsaeError(f"n_top must be >= 2 (pairs of top images are compared), got {n_top}")
+    n_top = min(n_top, acts_nk.shape[0])
+    values, index = acts_nk.topk(n_top, dim=0)  # [T, k]
+    return TopImages(index.T.contiguous(), (values > 0).T.contiguous())
+
+
+@dataclass(frozen=True)
+class LatentPurity:
+    purity_kl: torch.Tensor
+    """Share of a latent's top images in their most common class, per level."""
+    entropy_kl: torch.Tensor
+    """Entropy of the class distribution of the top images over log(n_classes): 0 = one
+    class, 1 = uniform over every class of the level."""
+    adjusted_kl: torch.Tensor
+    """Purity corrected for chance, ``(purity - p0) / (1 - p0)`` with ``p0`` the share of the
+    level's most common class among all images (what a random set of images scores)."""
+    level_k: torch.Tensor
+    """The latent's level: the finest level whose adjusted purity is within ``level_tol`` of
+    its best (raw purity always grows towards the root, so it cannot pick the level); -1 for
+    latents not scored."""
+    taxonomy_depth_k: torch.Tensor
+    """Mean depth of the LCA over pairs of top images (0 = root, n_levels = same leaf)."""
+    scored_k: torch.Tensor
+    """Latents with at least ``min_fired`` firing images."""
+
+
+def label_purity(
+    acts_nk: ArrayLike,
+    labels_nl: ArrayLike,
+    hierarchy: Hierarchy,
+    n_top: int = 50,
+    min_fired: int = 5,
+    level_tol: float = 0.05,
+    chunk: int = 4096,
+) -> LatentPurity:
+    """Purity, entropy, chance-adjusted purity, level and taxonomy depth of every latent's top
+    images, at every level. All come from one class histogram per latent and level: the
+    number of pairs of top images sharing a class at level ``l`` sums to the pairs whose LCA
+    is at depth > ``l``, which gives the mean LCA depth without comparing pairs."""
+    acts, labels = _acts_and_labels(acts_nk, labels_nl, hierarchy)
+    top = top_images(acts, n_top)
+    n_levels, n_latents = hierarchy.n_levels, acts.shape[1]
+    n_fired = top.n_fired_k.double()
+    scored = n_fired >= max(2, min_fired)
+    purity = torch.full((n_latents, n_levels), math.nan, dtype=torch.float64, device=acts.device)
+    entropy, adjusted = purity.clone(), purity.clone()
+    same_pairs = torch.zeros(n_latents, dtype=torch.float64, device=acts.device)
+    for level in range(n_levels):
+        n_classes = hierarchy.n_classes(level)
+        col = labels[:, level]
+        p0 = float(torch.bincount(col, minlength=n_classes).max()) / len(col)
+        for start in range(0, n_latents, chunk):
+            sl = slice(start, min(start + chunk, n_latents))
+            lab = col[top.index_kt[sl]]
+            counts = torch.zeros(lab.shape[0], n_classes, dtype=torch.float64, device=acts.device)
+            counts.scatter_add_(1, lab, top.valid_kt[sl].double())
+            n = n_fired[sl].clamp_min(1)[:, None]
+            p = counts / n
+            purity[sl, level] = p.max(dim=1).values
+            plogp = torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))
+            entropy[sl, level] = -plogp.sum(dim=1) / math.log(n_classes)
+            same_pairs[sl] += (counts * (counts - 1)).sum(dim=1) / 2
+        adjusted[:, level] = (purity[:, level] - p0) / (1 - p0) if p0 < 1 else math.nan
+    depth = same_pairs / (n_fired * (n_fired - 1) / 2).clamp_min(1)
+    best = adjusted.max(dim=1, keepdim=True).values
+    near_best = adjusted >= best - level_tol
+    levels = torch.arange(n_levels, device=acts.device).expand(n_latents, -1)
+    level_k = torch.where(near_best, levels, torch.full_like(levels, -1)).max(dim=1).values
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=acts.device)
+    return LatentPurity(
+        purity_kl=torch.where(scored[:, None], purity, nan),
+        entropy_kl=torch.where(scored[:, None], entropy, nan),
+        adjusted_kl=torch.where(scored[:, None], adjusted, nan),
+        level_k=torch.where(scored, level_k, torch.full_like(level_k, -1)),
+        taxonomy_depth_k=torch.where(scored, depth, nan),
+        scored_k=scored,
+    )
+
+
+def group_taxonomy_depth(
+    taxonomy_depth_k: torch.Tensor, groups: Sequence[tuple[int, int]]
+) -> list[float]:
+    """Mean taxonomy depth of the scored latents in each ``[start, stop)`` index range (e.g.
+    the nested prefixes or the increments of a Matryoshka SAE); NaN for a group with none."""
+    out = []
+    for start, stop in groups:
+        if not 0 <= start < stop <= len(taxonomy_depth_k):
+            raise HsaeError(
+                f"latent group [{start}, {stop}) is not inside [0, {len(taxonomy_depth_k)}); "
+                "pass (start, stop) ranges of latent indices"
+            )
+        out.append(float(torch.nanmean(taxonomy_depth_k[start:stop])))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# MonoSemanticity score (Pach et al. 2025), linear-time form
+# ---------------------------------------------------------------------------------------
+
+
+def monosemanticity_score(
+    acts_nk: ArrayLike, ref_emb_ne: ArrayLike, chunk: int = 1024
+) -> torch.Tensor:
+    """Per-latent MS: the activation-weighted mean cosine similarity of pairs of distinct
+    images in a fixed reference embedding,
+
+        MS_k = sum_{n != m} a_n a_m s_nm / sum_{n != m} a_n a_m,
+
+    with ``a`` the latent's activations min-max normalised to [0, 1] over the images and
+    ``s_nm`` the cosine similarity of the images' reference embeddings. With unit embeddings
+    ``e_n``, ``sum_{n != m} a_n a_m s_nm = ||sum_n a_n e_n||^2 - sum_n a_n^2`` and
+    ``sum_{n != m} a_n a_m = (sum_n a_n)^2 - sum_n a_n^2``, so it costs ``O(n)`` per latent,
+    not ``O(n^2)``. NaN for a latent that is constant or fires on a single image."""
+    acts = as_features(acts_nk, "latent activations")
+    ref = as_features(ref_emb_ne, "reference embeddings").to(acts.device)
+    if ref.shape[0] != acts.shape[0]:
+        raise HsaeError(
+            f"reference embeddings have {ref.shape[0]} rows, activations {acts.shape[0]}; pass "
+            "one reference embedding per image, in the same order"
+        )
+    unit = F.normalize(ref.double(), dim=1)
+    out = torch.empty(acts.shape[1], dtype=torch.float64, device=acts.device)
+    for start in range(0, acts.shape[1], chunk):
+        a = acts[:, start : start + chunk].double()
+        lo, hi = a.min(dim=0).values, a.max(dim=0).values
+        a = (a - lo) / (hi - lo).clamp_min(1e-30)
+        sq = a.pow(2).sum(dim=0)
+        num = (a.T @ unit).pow(2).sum(dim=1) - sq
+        den = a.sum(dim=0).pow(2) - sq
+        ok = (hi > lo) & (den > 1e-12)
+        out[start : start + chunk] = torch.where(ok, num / den.clamp_min(1e-30), math.nan)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Uniqueness: overlap of top-image sets
+# ---------------------------------------------------------------------------------------
+
+
+def top_set_overlap(
+    acts_nk: ArrayLike,
+    n_top: int = 50,
+    min_fired: int = 5,
+    max_latents: int = 4096,
+    seed: int = 0,
+    chunk: int = 512,
+) -> float:
+    """Mean Jaccard overlap ``|A ∩ B| / |A ∪ B|`` of the top-image sets over all pairs of
+    distinct scored latents (0 = every latent has its own images; 1 = all the same). Over
+    more than ``max_latents`` scored latents it is estimated on a seeded random subset."""
+    acts = as_features(acts_nk, "latent activations")
+    top = top_images(acts, n_top)
+    live = torch.nonzero(top.n_fired_k >= max(2, min_fired)).squeeze(1)
+    if len(live) < 2:
+        raise HsaeError(
+            f"top-set overlap needs >= 2 latents firing on >= {min_fired} images, found "
+            f"{len(live)}; use more images or lower min_fired"
+        )
+    if len(live) > max_latents:
+        keep = np.sort(np.random.default_rng(seed).choice(len(live), max_latents, replace=False))
+        live = live[torch.as_tensor(keep, device=live.device)]
+    index, valid = top.index_kt[live], top.valid_kt[live]
+    n_k = len(live)
+    rows = torch.arange(n_k, device=acts.device)[:, None].expand_as(index)[valid]
+    member = torch.sparse_coo_tensor(
+        torch.stack([rows, index[valid]]),
+        torch.ones(len(rows), device=acts.device),
+        (n_k, acts.shape[0]),
+        check_invariants=False,  # built from valid indices just above
+    ).coalesce()
+    sizes = valid.sum(dim=1).double()
+    total, n_pairs = 0.0, n_k * (n_k - 1) / 2
+    for start in range(0, n_k, chunk):
+        stop = min(start + chunk, n_k)
+        dense_cn = torch.zeros(stop - start, acts.shape[0], device=acts.device)
+        dense_cn.scatter_(1, index[start:stop], valid[start:stop].float())
+        inter = torch.sparse.mm(member, dense_cn.T).double()  # [n_k, c] intersection sizes
+        union = sizes[:, None] + sizes[None, start:stop] - inter
+        jac = inter / union
+        # Pairs (i, j) with i < j only: row index below the column's latent index.
+        col_ids = torch.arange(start, stop, device=acts.device)[None, :]
+        total += float(jac[_upper_mask(n_k, col_ids)].sum())
+    return total / n_pairs
+
+
+def _upper_mask(n_rows: int, col_ids_1c: torch.Tensor) -> torch.Tensor:
+    """Mask ``[n_rows, c]``: row index < the column's id (the strict upper triangle)."""
+    return torch.arange(n_rows, device=col_ids_1c.device)[:, None] < col_ids_1c
+
+
+# ---------------------------------------------------------------------------------------
+# Localization: Moran's I over the patch grid
+# ---------------------------------------------------------------------------------------
+
+
+def morans_i(grid_bhw: torch.Tensor) -> torch.Tensor:
+    """Moran's I of each ``[h, w]`` map with rook adjacency (4 neighbours, binary weights):
+
+        I = (N / S0) * sum_ij w_ij z_i z_j / sum_i z_i^2,  z = x - mean(x),
+
+    ``S0 = sum_ij w_ij``. 1 = neighbours alike (smooth blobs), ~0 = no spatial structure,
+    -1 = neighbours opposite (a checkerboard). NaN for a constant map."""
+    if grid_bhw.ndim != 3 or grid_bhw.shape[1] * grid_bhw.shape[2] < 2:
+        raise HsaeError(
+            f"Moran's I needs [b, h, w] maps with >= 2 cells, got {tuple(grid_bhw.shape)}"
+        )
+    x = grid_bhw.double()
+    z = x - x.mean(dim=(1, 2), keepdim=True)
+    h, w = x.shape[1:]
+    # Each neighbouring pair counts twice in sum_ij (w_ij = w_ji = 1).
+    cross = 2 * (
+        (z[:, :, 1:] * z[:, :, :-1]).sum(dim=(1, 2)) + (z[:, 1:] * z[:, :-1]).sum(dim=(1, 2))
+    )
+    s0 = 2 * (h * (w - 1) + w * (h - 1))
+    var = z.pow(2).sum(dim=(1, 2))
+    constant = var <= 1e-12 * x.abs().amax(dim=(1, 2)).pow(2).clamp_min(1e-300)
+    return torch.where(constant, math.nan, (h * w / s0) * cross / var.clamp_min(1e-300))
+
+
+class MoranAccumulator:
+    """Mean Moran's I of each latent's patch map over the images where it fires, streamed
+    over batches: ``update(acts_npk)`` with patch rows in row-major grid order (``p = h*w``,
+    CLS/register tokens removed), then ``compute()`` -> ``[n_latents]`` (NaN for latents
+    that never fired on a map with spatial variation)."""
+
+    def __init__(
+        self, n_latents: int, grid_hw: tuple[int, int], device: str | torch.device = "cpu"
+    ):
+        self.grid_hw = tuple(grid_hw)
+        self.sum_k = torch.zeros(n_latents, dtype=torch.float64, device=device)
+        self.count_k = torch.zeros(n_latents, dtype=torch.long, device=device)
+
+    def update(self, acts_npk: torch.Tensor) -> None:
+        h, w = self.grid_hw
+        if acts_npk.ndim != 3 or acts_npk.shape[1] != h * w or acts_npk.shape[2] != len(self.sum_k):
+            raise HsaeError(
+                f"patch activations must be [n_images, {h * w}, {len(self.sum_k)}] "
+                f"(grid {h}x{w}, patch tokens only), got {tuple(acts_npk.shape)}"
+            )
+        acts = acts_npk.to(self.sum_k.device)
+        maps = acts.permute(0, 2, 1).reshape(-1, h, w)  # [n * k, h, w]
+        moran = morans_i(maps).view(acts.shape[0], -1)  # [n, k]
+        fired = acts.amax(dim=1) > 0
+        use = fired & ~torch.isnan(moran)
+        self.sum_k += torch.where(use, moran, 0.0).sum(dim=0)
+        self.count_k += use.sum(dim=0)
+
+    def compute(self) -> torch.Tensor:
+        return torch.where(self.count_k > 0, self.sum_k / self.count_k.clamp_min(1), math.nan)
+
+
+# ---------------------------------------------------------------------------------------
+# Sparse probing
+# ---------------------------------------------------------------------------------------
+
+
+def mean_difference_latents(
+    acts_nk: torch.Tensor, labels_n: torch.Tensor, n_classes: int, n_pick: int
+) -> torch.Tensor:
+    """``[n_classes, n_pick]``: for each class, the latents with the largest mean activation
+    on the class minus the mean on every other image (SAE latents are non-negative, so a
+    class detector is one that fires *more* on the class)."""
+    means, _ = class_means(acts_nk, labels_n, n_classes)
+    counts = torch.bincount(labels_n, minlength=n_classes).to(acts_nk.dtype)[:, None]
+    total = acts_nk.sum(dim=0, keepdim=True)
+    rest = (total - means * counts) / (len(labels_n) - counts).clamp_min(1)
+    diff = means - rest
+    return diff.topk(min(n_pick, acts_nk.shape[1]), dim=1).indices
+
+
+def sparse_probing(
+    acts_nk: ArrayLike,
+    labels_nl: ArrayLike,
+    hierarchy: Hierarchy,
+    ks: Sequence[int] = (1, 2, 5),
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    weight_decay: float = 1e-3,
+    chunk: int = 64,
+) -> dict[tuple[int, int], torch.Tensor]:
+    """``{(level, k): [n_classes] balanced accuracy}``: for every class at every level, a
+    one-vs-rest logistic probe (class-balanced) on the ``k`` latents chosen by class-mean
+    difference on the training split, scored on the held-out split (stratified by leaf,
+    deterministic by ``seed``). NaN for a class without positives in either split."""
+    acts, labels = _acts_and_labels(acts_nk, labels_nl, hierarchy)
+    if not ks or min(ks) < 1:
+        raise HsaeError(f"sparse probing: ks must be positive latent counts, got {list(ks)}")
+    train_idx, test_idx = stratified_split(labels[:, -1], test_fraction, seed)
+    tr = torch.as_tensor(train_idx, device=acts.device)
+    te = torch.as_tensor(test_idx, device=acts.device)
+    acts_tr, acts_te = acts[tr], acts[te]
+    out: dict[tuple[int, int], torch.Tensor] = {}
+    for level in range(hierarchy.n_levels):
+        n_classes = hierarchy.n_classes(level)
+        y_tr_n, y_te_n = labels[tr, level], labels[te, level]
+        chosen_cm = mean_difference_latents(acts_tr, y_tr_n, n_classes, max(ks))
+        for k in ks:
+            acc = torch.full((n_classes,), math.nan, dtype=torch.float64, device=acts.device)
+            for start in range(0, n_classes, chunk):
+                cls = torch.arange(start, min(start + chunk, n_classes), device=acts.device)
+                pick = chosen_cm[cls, :k]  # [P, k]
+                y_tr = y_tr_n[None, :] == cls[:, None]
+                y_te = y_te_n[None, :] == cls[:, None]
+                ok = y_tr.any(1) & y_te.any(1) & (~y_tr).any(1)
+                if not ok.any():
+                    continue
+                x_tr = acts_tr.T[pick].transpose(1, 2)  # [P, n_train, k]
+                coef, icpt, standard = fit_binary_probes(x_tr, y_tr, weight_decay)
+                x_te = acts_te.T[pick].transpose(1, 2)
+                pred = binary_probe_logits(x_te, coef, icpt, standard) > 0
+                acc[cls] = torch.where(ok, balanced_accuracy(pred, y_te), math.nan)
+            out[(level, k)] = acc
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Absorption
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AbsorptionResult:
+    level: int
+    """The parents' level."""
+    parent_latents_pm: torch.Tensor
+    """Each parent class's own latents (class-mean difference), ``[n_parents, m]``."""
+    rate_p: torch.Tensor
+    """Per parent: absorbed images / images of the parent the probe detects."""
+    fraction_p: torch.Tensor
+    """Per parent: mean share of the probe-aligned reconstruction carried by other latents."""
+    n_detected_p: torch.Tensor
+    """Per parent: images of the parent (child-class images) the probe detects."""
+
+
+def absorption(
+    acts_nk: ArrayLike,
+    feats_nd: ArrayLike,
+    decoder_kd: ArrayLike,
+    labels_nl: ArrayLike,
+    hierarchy: Hierarchy,
+    level: int = 0,
+    n_parent_latents: int = 1,
+    fire_threshold: float = 0.0,
+    weight_decay: float = 1e-4,
+) -> AbsorptionResult:
+    """Feature absorption, the vision analogue of Chanin et al. (2024), for every class
+    ``p`` at ``level`` (a *parent*: its images are the images of its child classes).
+
+    1. Probe: a class-balanced one-vs-rest logistic probe for ``p`` on the SAE's input
+       features ``feats_nd``; its weight vector in feature space, unit-normalised, is the
+       parent direction ``v_p``. The probe *detects* ``p`` on an image when its logit > 0.
+    2. Parent latents ``S_p``: the ``n_parent_latents`` latents with the largest class-mean
+       activation difference for ``p`` (as in sparse probing).
+    3. On each image of ``p`` the probe detects, latent ``j`` contributes
+       ``c_j = a_j * max(0, d_j . v_p)`` to the reconstruction's projection onto ``v_p``
+       (``d_j`` = decoder row ``j``, ``a_j`` >= 0 its activation; negative alignments are
+       left out so they cannot cancel a share). The image's absorption fraction is
+       ``sum_{j not in S_p} c_j / sum_j c_j`` (images with ``sum_j c_j = 0`` are skipped).
+    4. The image is *absorbed* when every parent latent is off (``a_j <= fire_threshold``
+       for ``j in S_p``) while the probe detects ``p`` and other latents carry part of
+       ``v_p`` (``sum_{j not in S_p} c_j > 0``).
+
+    ``rate_p`` = absorbed / detected images of ``p``; ``fraction_p`` = the mean absorption
+    fraction over them. Both are 0 for an SAE whose parent latent fires wherever the parent
+    is present and whose child latents are orthogonal to ``v_p``.
+    """
+    acts, labels = _acts_and_labels(acts_nk, labels_nl, hierarchy)
+    feats = as_features(feats_nd).to(acts.device)
+    decoder = as_features(decoder_kd, "decoder").to(acts.device)
+    if feats.shape[0] != acts.shape[0]:
+        raise HsaeError(
+            f"features have {feats.shape[0]} rows, activations {acts.shape[0]}; pass the SAE "
+            "inputs of the same images, in the same order"
+        )
+    if decoder.shape != (acts.shape[1], feats.shape[1]):
+        raise HsaeError(
+            f"decoder must be [n_latents={acts.shape[1]}, d={feats.shape[1]}] (one row per "
+            f"latent, in feature space), got {tuple(decoder.shape)}"
+        )
+    if not 0 <= level < hierarchy.n_levels:
+        raise HsaeError(f"absorption level {level} out of range [0, {hierarchy.n_levels})")
+    col = labels[:, level]
+    n_parents = hierarchy.n_classes(level)
+    onehot = F.one_hot(col, n_parents)
+    probe = fit_ovr_probes(feats, onehot, weight_decay=weight_decay)
+    detected = probe.logits(feats) > 0  # [n, P]
+    direction = F.normalize(probe.direction_do(), dim=0)  # [d, P]
+    align = (decoder @ direction).clamp_min(0)  # [k, P]
+    a = acts.clamp_min(0)  # SAE codes are non-negative; anything below 0 is "off"
+    total = (a @ align).double()  # [n, P]
+    parents = mean_difference_latents(acts, col, n_parents, n_parent_latents)  # [P, m]
+    own = (
+        a[:, parents] * align[parents, torch.arange(n_parents, device=acts.device)[:, None]][None]
+    ).sum(-1)
+    others = total - own.double()
+    parent_off = (a[:, parents] <= fire_threshold).all(dim=-1)  # [n, P]
+    is_parent = onehot.bool()
+    detected_p = detected & is_parent
+    absorbed = detected_p & parent_off & (others > 1e-12 * total.amax().clamp_min(1e-30))
+    n_det = detected_p.sum(dim=0)
+    rate = absorbed.sum(dim=0).double() / n_det.clamp_min(1)
+    has_mass = detected_p & (total > 0)
+    frac = torch.where(has_mass, others / total.clamp_min(1e-300), 0.0).sum(dim=0)
+    frac = frac / has_mass.sum(dim=0).clamp_min(1)
+    rate = torch.where(n_det > 0, rate, math.nan)
+    frac = torch.where(has_mass.any(dim=0), frac, math.nan)
+    return AbsorptionResult(level, parents, rate, frac, n_det)
+
+
+# ---------------------------------------------------------------------------------------
+# Automatic names
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatentNames:
+    names: list[str]
+    """The vocabulary entry nearest to each latent's decoder direction."""
+    index_k: torch.Tensor
+    """Its index in the vocabulary."""
+    score_k: torch.Tensor
+    """Cosine similarity with it (the name's confidence)."""
+
+
+def name_latents(
+    decoder_kd: ArrayLike,
+    text_emb_ve: ArrayLike,
+    vocabulary: Sequence[str],
+    projection_de: ArrayLike | None = None,
+) -> LatentNames:
+    """Name each latent by the vocabulary entry (class names or a word list) whose text
+    embedding has the largest cosine similarity with the latent's decoder direction, mapped
+    into the text space by ``projection_de`` (e.g. the backbone's remaining layers
+    linearised, or CLIP's visual projection for a last-layer SAE; identity when omitted)."""
+    decoder = as_features(decoder_kd, "decoder")
+    text = as_features(text_emb_ve, "text embeddings").to(decoder.device)
+    if len(vocabulary) != text.shape[0]:
+        raise HsaeError(
+            f"{len(vocabulary)} vocabulary entries but {text.shape[0]} text embeddings; pass "
+            "one embedding per entry, in order"
+        )
+    mapped = decoder
+    if projection_de is not None:
+        proj = as_features(projection_de, "projection").to(decoder.device)
+        if proj.shape[0] != decoder.shape[1]:
+            raise HsaeError(
+                f"projection must be [d={decoder.shape[1]}, e] (feature space -> text space), "
+                f"got {tuple(proj.shape)}"
+            )
+        mapped = decoder @ proj
+    if mapped.shape[1] != text.shape[1]:
+        raise HsaeError(
+            f"decoder directions have width {mapped.shape[1]} but text embeddings {text.shape[1]}; "
+            "pass projection_de to map feature space into the text space"
+        )
+    cos = F.normalize(mapped, dim=1) @ F.normalize(text, dim=1).T
+    score, index = cos.max(dim=1)
+    return LatentNames([vocabulary[i] for i in index.tolist()], index, score)
+
+
+# ---------------------------------------------------------------------------------------
+# Fidelity
+# ---------------------------------------------------------------------------------------
+
+
+def fidelity_metrics(
+    feats_nd: ArrayLike,
+    recon_nd: ArrayLike,
+    ablated_nd: ArrayLike,
+    labels_nl: ArrayLike,
+    hierarchy: Hierarchy,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    weight_decay: float = 1e-4,
+) -> dict[str, float]:
+    """Probe accuracy with the SAE spliced in: a linear probe per level trained on the
+    original features (training split), scored on the held-out split of the original,
+    reconstructed and ablated features (e.g. zeros, or the backbone's output with the layer
+    zeroed). ``fidelity/recovered@<level>`` = (recon - ablated) / (original - ablated), the
+    vision analogue of "loss recovered" (1 = the SAE loses nothing; NaN when ablation does
+    not hurt the probe)."""
+    feats = as_features(feats_nd)
+    recon = as_features(recon_nd, "reconstructed features").to(feats.device)
+    ablated = as_features(ablated_nd, "ablated features").to(feats.device)
+    if recon.shape != feats.shape or ablated.shape != feats.shape:
+        raise HsaeError(
+            f"original {tuple(feats.shape)}, reconstructed {tuple(recon.shape)} and ablated "
+            f"{tuple(ablated.shape)} features must have the same shape (same images, order)"
+        )
+    labels = as_labels(labels_nl, hierarchy, feats.shape[0], feats.device)
+    train_idx, test_idx = stratified_split(labels[:, -1], test_fraction, seed)
+    tr = torch.as_tensor(train_idx, device=feats.device)
+    te = torch.as_tensor(test_idx, device=feats.device)
+    out: dict[str, float] = {}
+    for level, name in enumerate(hierarchy.level_names):
+        require_classes(labels[:, level], f"fidelity probe at level {name!r}")
+        probe = fit_linear_probe(
+            feats[tr], labels[tr, level], hierarchy.n_classes(level), weight_decay
+        )
+        y = labels[te, level]
+        acc = {
+            kind: float((probe.logits(x[te]).argmax(dim=1) == y).float().mean())
+            for kind, x in (("original", feats), ("reconstructed", recon), ("ablated", ablated))
+        }
+        for kind, value in acc.items():
+            out[f"fidelity/probe_acc@{name}/{kind}"] = value
+        gap = acc["original"] - acc["ablated"]
+        out[f"fidelity/recovered@{name}"] = (
+            (acc["reconstructed"] - acc["ablated"]) / gap if abs(gap) > 1e-9 else math.nan
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Everything under its documented name
+# ---------------------------------------------------------------------------------------
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    return float(torch.nanmean(x.double())) if (~torch.isnan(x)).any() else math.nan
+
+
+def interp_metrics(
+    acts_nk: ArrayLike,
+    labels_nl: ArrayLike,
+    hierarchy: Hierarchy,
+    *,
+    decoder_kd: ArrayLike | None = None,
+    feats_nd: ArrayLike | None = None,
+    ref_emb_ne: ArrayLike | None = None,
+    moran_i_k: torch.Tensor | None = None,
+    groups: Sequence[tuple[int, int]] | None = None,
+    n_top: int = 50,
+    min_fired: int = 5,
+    ks: Sequence[int] = (1, 2, 5),
+    seed: int = 0,
+) -> dict[str, float]:
+    """Every step-3 metric the inputs allow, as a flat dict of documented names. MS needs
+    ``ref_emb_ne``; absorption needs ``decoder_kd`` and ``feats_nd`` (the SAE's inputs, one
+    row per image, pooled like ``acts_nk``); ``interp/moran_i`` needs ``moran_i_k`` from a
+    ``MoranAccumulator``. What is skipped is logged."""
+    acts, labels = _acts_and_labels(acts_nk, labels_nl, hierarchy)
+    names = hierarchy.level_names
+    purity = label_purity(acts, labels, hierarchy, n_top=n_top, min_fired=min_fired)
+    n_scored = int(purity.scored_k.sum())
+    out: dict[str, float] = {"interp/scored_latents": float(n_scored)}
+    if n_scored == 0:
+        raise HsaeError(
+            f"no latent fires on >= {min_fired} of the {acts.shape[0]} images; the SAE is dead "
+            "on this data, or pass more images / lower min_fired"
+        )
+    for level, name in enumerate(names):
+        out[f"interp/purity@{name}"] = _nanmean(purity.purity_kl[:, level])
+        out[f"interp/entropy@{name}"] = _nanmean(purity.entropy_kl[:, level])
+        out[f"interp/level_fraction@{name}"] = float(
+            (purity.level_k == level).sum() / max(n_scored, 1)
+        )
+    out["interp/taxonomy_depth"] = _nanmean(purity.taxonomy_depth_k)
+    for g, value in enumerate(group_taxonomy_depth(purity.taxonomy_depth_k, groups or ())):
+        out[f"interp/taxonomy_depth/group{g}"] = value
+    if ref_emb_ne is not None:
+        out["interp/ms"] = _nanmean(monosemanticity_score(acts, ref_emb_ne))
+    else:
+        log.info("interp/ms skipped: no reference embedding given")
+    if n_scored >= 2:
+        overlap = top_set_overlap(acts, n_top=n_top, min_fired=min_fired, seed=seed)
+        out["interp/top_overlap"] = overlap
+        out["interp/uniqueness"] = 1.0 - overlap
+    if moran_i_k is not None:
+        out["interp/moran_i"] = _nanmean(torch.as_tensor(moran_i_k))
+    probes = sparse_probing(acts, labels, hierarchy, ks=ks, seed=seed)
+    for (level, k), acc in probes.items():
+        out[f"interp/sparse_probe@k{k}/{names[level]}"] = _nanmean(acc)
+    if decoder_kd is not None and feats_nd is not None:
+        rates, fracs = [], []
+        for level in range(hierarchy.n_levels - 1):
+            res = absorption(acts, feats_nd, decoder_kd, labels, hierarchy, level=level)
+            out[f"interp/absorption_rate@{names[level]}"] = _nanmean(res.rate_p)
+            out[f"interp/absorption_fraction@{names[level]}"] = _nanmean(res.fraction_p)
+            rates.append(res.rate_p)
+            fracs.append(res.fraction_p)
+        if rates:
+            out["interp/absorption_rate"] = _nanmean(torch.cat(rates))
+            out["interp/absorption_fraction"] = _nanmean(torch.cat(fracs))
+    else:
+        log.info("interp/absorption skipped: needs decoder_kd and feats_nd")
+    return out
