@@ -21,9 +21,20 @@ def main(cfg_dict: DictConfig) -> None:
         for label, path in compare(cfg.compare, cfg.x, cfg.y).items():
             print(f"{label}: {path}")
         return
-    from hsae.evaluation import evaluate_run, format_table
+    from hsae.evaluation import evaluate_run, format_table, hierarchy_of_backbone
 
-    metrics = evaluate_run(cfg.run_dir, cfg.split, cfg.batch_size, cfg.device)
+    if cfg.backbone is not None:
+        if cfg.layer is not None:
+            cfg.backbone.layer = cfg.layer
+        metrics, path = hierarchy_of_backbone(
+            cfg.backbone, cfg.dataset, cfg.cache, cfg.split, cfg.out_dir, cfg.device
+        )
+        print(format_table(metrics))
+        print(f"wrote {path}")
+        return
+    metrics = evaluate_run(
+        cfg.run_dir, cfg.split, cfg.batch_size, cfg.device, cfg.interp, cfg.reference, cfg.n_top
+    )
     print(format_table(metrics))
     print(f"wrote {cfg.run_dir}/eval.json")
 

@@ -130,6 +130,7 @@ class SAEConfig:
     # hierarchical: children per parent (n_latents = parents * (1 + n_children)), active per parent.
     n_children: int = 3
     k_child: int = 1
+    parent_recon_coeff: float = 0.0  # hsae addition: parents also reconstruct alone (0 = paper)
 
     def __post_init__(self) -> None:
         _check_positive("sae.n_latents", self.n_latents)
@@ -177,6 +178,8 @@ class SAEConfig:
         if self.n_random_prefixes < 0:
             raise HsaeError(f"sae.n_random_prefixes={self.n_random_prefixes} must be >= 0")
         _check_choice("sae.activation", self.activation, ("topk", "batchtopk"))
+        if self.parent_recon_coeff < 0:
+            raise HsaeError(f"sae.parent_recon_coeff={self.parent_recon_coeff} must be >= 0")
 
 
 @dataclass
@@ -233,6 +236,10 @@ class RunConfig:
     # so a search (Optuna) finds the best objective at that sparsity.
     target_l0: Optional[float] = None  # noqa: UP045
     l0_penalty: float = 1.0
+    # An SAE bank: several SAEs trained together on the same batches, each with its own run
+    # dir under bank/ (docs/training.md). Each entry overrides fields of `sae` and may set
+    # `lr`, e.g. bank=[{k:8},{k:32,expansion:16},{arch:relu,l1_coeff:5}]; null: one SAE.
+    bank: Optional[list[dict[str, Any]]] = None  # noqa: UP045
     backbone: BackboneConfig = MISSING
     dataset: DatasetConfig = MISSING
     sae: SAEConfig = MISSING
@@ -244,22 +251,33 @@ class RunConfig:
 
 @dataclass
 class EvalConfig:
-    run_dir: Optional[str] = None  # noqa: UP045 - evaluate one run
+    run_dir: Optional[str] = None  # noqa: UP045 - step 3: evaluate one run
     compare: Optional[str] = None  # noqa: UP045 - compare every run under this folder
+    # Step 1 alone: the hierarchy of a backbone's representation (backbone=... layer=...).
+    backbone: Optional[BackboneConfig] = None  # noqa: UP045
+    layer: Optional[int] = None  # noqa: UP045 - shorthand for backbone.layer
+    dataset: Optional[DatasetConfig] = None  # noqa: UP045
+    cache: CacheConfig = field(default_factory=CacheConfig)
     x: Optional[str] = None  # noqa: UP045 - compare: an extra plot of y against x (config key or metric)
     y: Optional[str] = None  # noqa: UP045
     split: str = "val"
     batch_size: int = 4096
     device: str = "auto"
+    interp: bool = True  # step-3 metrics (interp/..., fidelity/...) besides the SAE's own
+    reference: str = "pixels"  # MS reference embedding, the same for every backbone: pixels | none
+    n_top: int = 50  # top-activating images per latent for purity, depth, uniqueness
+    out_dir: str = "runs/hierarchy"  # step 1 writes <out_dir>/<backbone>_l<layer>_<tokens>.json
 
     def __post_init__(self) -> None:
-        if (self.run_dir is None) == (self.compare is None):
+        modes = [self.run_dir is not None, self.compare is not None, self.backbone is not None]
+        if sum(modes) != 1:
             raise HsaeError(
-                "pass exactly one of run_dir=<run dir> (evaluate a run) or "
-                "compare=<multirun dir> (compare its runs)"
+                "pass exactly one of run_dir=<run dir> (evaluate a run), compare=<multirun dir> "
+                "(compare its runs) or backbone=<name> [layer=<n>] (hierarchy of a backbone)"
             )
         if (self.x is None) != (self.y is None):
             raise HsaeError("compare plots need both x=<key> and y=<key>")
+        _check_choice("reference", self.reference, ("pixels", "none"))
 
 
 def path_safe(text: str, max_len: int = 120) -> str:

@@ -1,14 +1,28 @@
-"""Evaluate a finished run from its run dir alone (no Hydra state from training)."""
+"""Evaluate a finished run from its run dir alone (step 3), or a backbone's layer (step 1).
+
+Step 3 (``evaluate_run``): the SAE's own metrics on the held-out split (``fvu``, ``l0``,
+...), then, per image, the latents' maximum activation over the image's rows and the
+SAE's inputs and reconstructions averaged over them, which feed the interpretability
+metrics (``interp/...``: purity, entropy, taxonomy depth, MS, uniqueness, Moran's I for
+patch tokens, sparse probing, absorption) and probe fidelity (``fidelity/...``). Names:
+docs/metrics.md. What cannot be computed is listed with the reason under ``skipped``.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from hsae.cache import ActivationCache, resolve_device
+from hsae.config import DatasetConfig
 from hsae.errors import HsaeError
 from hsae.metrics import make_sae_metrics
 from hsae.sae import WEIGHTS_FILE, load_sae
@@ -28,11 +42,124 @@ def read_run_cfg(run_dir: Path) -> dict:
     return json.loads((run_dir / "cfg.json").read_text())
 
 
+@dataclass
+class ImagePass:
+    """What one pass over a cache gives, per image (rows grouped by image)."""
+
+    sae_metrics: dict[str, float]
+    acts_ik: torch.Tensor  # max activation of each latent over the image's rows
+    feats_id: torch.Tensor  # mean SAE input over the image's rows
+    recon_id: torch.Tensor  # mean reconstruction over the image's rows
+    image_ids: np.ndarray
+    moran_k: torch.Tensor | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def _patch_grid(cache: ActivationCache) -> tuple[int, int] | None:
+    """``(h, w)`` when the rows are exactly a square grid of patch tokens per image."""
+    token_index = cache.manifest["token_index"]
+    side = math.isqrt(len(token_index))
+    contiguous = token_index == list(range(token_index[0], token_index[0] + len(token_index)))
+    is_patch = cache.manifest["spec"].get("tokens") == "patch"
+    return (side, side) if is_patch and side * side == len(token_index) and contiguous else None
+
+
 @torch.no_grad()
+def image_pass(
+    sae: torch.nn.Module, cache: ActivationCache, batch_size: int, device: torch.device
+) -> ImagePass:
+    from hsae.metrics.interp import MoranAccumulator
+
+    tokens_per_image = cache.manifest["tokens_per_image"]
+    rows_per_batch = max(1, batch_size // tokens_per_image) * tokens_per_image
+    metrics = make_sae_metrics(sae.d_model, sae.n_latents).to(device)
+    grid = _patch_grid(cache)
+    moran = MoranAccumulator(sae.n_latents, grid, device) if grid else None
+    acts, feats, recons = [], [], []
+    for start in range(0, cache.n_rows, rows_per_batch):
+        rows = np.arange(start, min(start + rows_per_batch, cache.n_rows))
+        x = cache.read(rows).to(device)
+        out = sae(x)
+        metrics.update(x, out.x_hat, out.codes)
+        n_img = len(rows) // tokens_per_image
+        codes = out.codes.float().view(n_img, tokens_per_image, -1)
+        acts.append(codes.amax(dim=1).cpu())
+        feats.append(x.view(n_img, tokens_per_image, -1).mean(dim=1).cpu())
+        recons.append(out.x_hat.float().view(n_img, tokens_per_image, -1).mean(dim=1).cpu())
+        if moran is not None:
+            moran.update(codes)
+    notes = {} if grid else {"interp/moran_i": "needs patch-token rows (backbone.tokens=patch)"}
+    return ImagePass(
+        sae_metrics={name: float(value) for name, value in metrics.compute().items()},
+        acts_ik=torch.cat(acts),
+        feats_id=torch.cat(feats),
+        recon_id=torch.cat(recons),
+        image_ids=cache.row_image(np.arange(0, cache.n_rows, tokens_per_image)),
+        moran_k=moran.compute().cpu() if moran else None,
+        notes=notes,
+    )
+
+
+def pixel_reference(
+    dataset_cfg: dict, split: str, image_ids: np.ndarray, size: int = 16
+) -> torch.Tensor:
+    """The default MS reference: each image's pixels at ``size`` x ``size``, standardised.
+    It depends on the images only, so it is the same for every backbone compared."""
+    from hsae.data import make_dataset
+
+    dataset = make_dataset(DatasetConfig(**dataset_cfg), split)
+    dataset.transform = None
+    out = []
+    for i in image_ids:
+        image = dataset[int(i)][0]
+        if not isinstance(image, torch.Tensor):
+            from torchvision.transforms.functional import to_tensor
+
+            image = to_tensor(image)
+        out.append(F.interpolate(image[None].float(), size=(size, size), mode="area")[0].flatten())
+    ref = torch.stack(out)
+    return (ref - ref.mean(dim=0)) / ref.std(dim=0).clamp_min(1e-6)
+
+
+def interpretability(
+    sae: torch.nn.Module, cache: ActivationCache, images: ImagePass, cfg: dict, split: str,
+    reference: str, n_top: int, seed: int = 0,
+) -> tuple[dict[str, float], dict[str, str]]:  # fmt: skip
+    from hsae.metrics.interp import fidelity_metrics, interp_metrics
+
+    skipped = dict(images.notes)
+    labels = cache.labels_nl[images.image_ids]
+    ref = None
+    if reference == "pixels":
+        ref = pixel_reference(cfg["dataset"], split, images.image_ids)
+    else:
+        skipped["interp/ms"] = "reference=none"
+    decoder = getattr(sae, "W_dec", None)
+    if decoder is None:
+        skipped["interp/absorption"] = f"{type(sae).__name__} has no single decoder matrix W_dec"
+    groups = getattr(sae, "group_bounds", None)
+    metrics = interp_metrics(
+        images.acts_ik, labels, cache.hierarchy,
+        decoder_kd=None if decoder is None else decoder.detach().cpu(),
+        feats_nd=images.feats_id, ref_emb_ne=ref, moran_i_k=images.moran_k,
+        groups=list(groups) if groups is not None else None, n_top=n_top, seed=seed,
+    )  # fmt: skip
+    metrics |= fidelity_metrics(
+        images.feats_id, images.recon_id, torch.zeros_like(images.feats_id), labels, cache.hierarchy
+    )
+    return metrics, skipped
+
+
 def evaluate_run(
-    run_dir: str | Path, split: str = "val", batch_size: int = 4096, device: str = "auto"
-) -> dict[str, float]:
-    """Recompute the SAE metrics on a cached split; writes ``eval.json`` in the run dir."""
+    run_dir: str | Path,
+    split: str = "val",
+    batch_size: int = 4096,
+    device: str = "auto",
+    interp: bool = True,
+    reference: str = "pixels",
+    n_top: int = 50,
+) -> dict[str, Any]:
+    """Every metric that applies to the run, on a cached split; writes ``eval.json``."""
     run_dir = Path(run_dir).resolve()
     cfg = read_run_cfg(run_dir)
     if split not in cfg["cache"]:
@@ -44,17 +171,69 @@ def evaluate_run(
         raise HsaeError(
             f"cache {cache.path} has width {cache.d_model}, the SAE expects {sae.d_model}"
         )
-    metrics = make_sae_metrics(sae.d_model, sae.n_latents).to(dev)
-    for start in range(0, cache.n_rows, batch_size):
-        x = cache.read(range(start, min(start + batch_size, cache.n_rows))).to(dev)
-        out = sae(x)
-        metrics.update(x, out.x_hat, out.codes)
-    result = {name: float(value) for name, value in metrics.compute().items()}
-    result["n_rows"] = cache.n_rows
+    images = image_pass(sae, cache, batch_size, dev)
+    metrics: dict[str, float] = dict(images.sae_metrics)
+    metrics["n_rows"] = cache.n_rows
+    skipped: dict[str, str] = {}
+    if interp:
+        interp_values, skipped = interpretability(
+            sae, cache, images, cfg, split, reference, n_top, cfg.get("seed", 0)
+        )
+        metrics |= interp_values
+    else:
+        skipped["interp/*, fidelity/*"] = "interp=false"
+    for name, why in skipped.items():
+        log.info("skipped %s: %s", name, why)
     tmp = run_dir / ".eval.json.tmp"
-    tmp.write_text(json.dumps({"split": split, "metrics": result}, indent=2) + "\n")
+    tmp.write_text(
+        json.dumps({"split": split, "metrics": metrics, "skipped": skipped}, indent=2) + "\n"
+    )
     tmp.replace(run_dir / "eval.json")
-    return result
+    return metrics
+
+
+def hierarchy_of_backbone(
+    backbone_cfg: Any,
+    dataset_cfg: Any,
+    cache_cfg: Any,
+    split: str,
+    out_dir: str | Path,
+    device: str,
+) -> tuple[dict[str, float], Path]:
+    """Step 1: hierarchy metrics (``hier/...``) of one backbone layer's cached activations,
+    one row per image (rows of an image averaged); written to ``out_dir``."""
+    from dataclasses import asdict
+
+    from hsae.backbones import make_backbone
+    from hsae.cache import CacheRequest, get_or_build
+    from hsae.data import make_dataset
+    from hsae.metrics.hierarchy import hierarchy_metrics
+
+    backbone = make_backbone(backbone_cfg)
+    request = CacheRequest(
+        layer=backbone_cfg.layer, tokens=backbone_cfg.tokens, dtype=cache_cfg.dtype,
+        shard_rows=cache_cfg.shard_rows, batch_size=cache_cfg.batch_size,
+        num_workers=cache_cfg.num_workers, device=cache_cfg.device,
+    )  # fmt: skip
+    cache = get_or_build(
+        cache_cfg.dir, backbone, asdict(backbone_cfg), make_dataset(dataset_cfg, split), request
+    )
+    tokens_per_image = cache.manifest["tokens_per_image"]
+    feats = cache.load_all().view(-1, tokens_per_image, cache.d_model).mean(dim=1)
+    image_ids = cache.row_image(np.arange(0, cache.n_rows, tokens_per_image))
+    feats = feats.to(resolve_device(device))
+    metrics = hierarchy_metrics(feats, cache.labels_nl[image_ids], cache.hierarchy)
+    out_path = (
+        Path(out_dir)
+        / f"{backbone_cfg.name}_l{backbone_cfg.layer}_{backbone_cfg.tokens}_{dataset_cfg.name}-{split}.json"
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"backbone": asdict(backbone_cfg), "dataset": asdict(dataset_cfg), "split": split,
+              "cache": str(cache.path), "metrics": metrics}  # fmt: skip
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out_path)
+    return metrics, out_path
 
 
 def format_table(metrics: dict[str, float]) -> str:

@@ -62,6 +62,11 @@ def test_evaluate_recomputes_the_metrics(trained_run):
     for name in ("fvu", "mse", "l0", "dead_fraction"):
         assert evaluated[name] == pytest.approx(trained[name], rel=1e-4, abs=1e-6), name
     assert not (ROOT / "outputs").exists(), "evaluate.py must not leave Hydra output dirs"
+    for name in ("interp/purity@family", "interp/ms", "interp/uniqueness", "interp/sparse_probe@k1/shape",
+                 "interp/absorption_rate", "fidelity/recovered@variant"):  # fmt: skip
+        assert name in evaluated, name
+    skipped = json.loads((run_dir / "eval.json").read_text())["skipped"]
+    assert "patch" in skipped["interp/moran_i"]  # CLS rows have no patch grid
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
@@ -131,3 +136,39 @@ def test_offline_wandb_run_has_flat_config_and_summary_keys(trained_run):
     assert "latents/table/nrows" in run["history_keys"]
     assert ("sae", f"sae-{run['name']}") in run["artifacts"]
     assert sum(kind == "activation-cache" for kind, _ in run["artifacts"]) == 2
+
+
+@pytest.mark.slow
+def test_patch_tokens_get_moran_i(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(
+        "train.py", *TINY, "backbone.tokens=patch", "dataset.n_train=64", "dataset.n_val=48",
+        "optim.batch_size=256", f"hydra.run.dir={run_dir}", f"cache.dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run("evaluate.py", f"run_dir={run_dir}", "n_top=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((run_dir / "eval.json").read_text())
+    assert evaluated["metrics"]["n_rows"] == 48 * 64
+    assert -1 <= evaluated["metrics"]["interp/moran_i"] <= 1
+    assert "interp/moran_i" not in evaluated["skipped"]
+
+
+@pytest.mark.slow
+def test_step1_hierarchy_of_a_backbone_layer(tmp_path):
+    result = run(
+        "evaluate.py", "backbone=tiny_vit", "layer=1", "dataset.n_val=300",
+        f"cache.dir={tmp_path / 'cache'}", f"out_dir={tmp_path / 'hier'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = (tmp_path / "hier").glob("tiny_vit_l1_cls_synthetic-val.json")
+    record = json.loads(path.read_text())
+    for name in (
+        "hier/cpcc",
+        "hier/probe_acc@family",
+        "hier/consistency",
+        "hier/mistake_severity",
+        "hier/ami@shape",
+    ):
+        assert name in record["metrics"], name
+    assert record["backbone"]["layer"] == 1
