@@ -14,7 +14,9 @@ def eager_topk_forward(sae: TopKSAE, x: torch.Tensor):
         pre = [float((row - b_pre) @ W_enc[:, j] + b_enc[j]) for j in range(sae.n_latents)]
         for j in sorted(range(sae.n_latents), key=lambda j: -pre[j])[: sae.k]:
             codes[i, j] = max(pre[j], 0.0)
-    x_hat = torch.stack([b_pre + sum(codes[i, j] * W_dec[j] for j in range(sae.n_latents)) for i in range(len(x))])
+    x_hat = torch.stack(
+        [b_pre + sum(codes[i, j] * W_dec[j] for j in range(sae.n_latents)) for i in range(len(x))]
+    )
     return codes, x_hat
 
 

@@ -1,5 +1,27 @@
 """Metrics, each a torchmetrics ``Metric`` (correct under DDP)."""
 
-from hsae.metrics.sae import FVU, L0, MSE, DeadFraction, make_sae_metrics
+from hsae.metrics.sae import (
+    FVU,
+    L0,
+    L1,
+    MSE,
+    DeadFraction,
+    DenseFraction,
+    FeatureDensity,
+    Shrinkage,
+    make_sae_metrics,
+    max_decoder_cosine,
+)
 
-__all__ = ["FVU", "L0", "MSE", "DeadFraction", "make_sae_metrics"]
+__all__ = [
+    "FVU",
+    "L0",
+    "L1",
+    "MSE",
+    "DeadFraction",
+    "DenseFraction",
+    "FeatureDensity",
+    "Shrinkage",
+    "make_sae_metrics",
+    "max_decoder_cosine",
+]

@@ -9,29 +9,57 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from hsae.errors import HsaeError
-from hsae.sae.base import ForwardOutput
+from hsae.sae.base import ForwardOutput, SparseAutoencoder
+from hsae.sae.batchtopk import BatchTopKSAE
+from hsae.sae.gated import GatedSAE
+from hsae.sae.hierarchical import HierarchicalSAE
+from hsae.sae.jumprelu import JumpReLUSAE
+from hsae.sae.matryoshka import MatryoshkaSAE
+from hsae.sae.relu import ReLUSAE
 from hsae.sae.topk import TopKSAE
 
 __all__ = [
     "SAE_REGISTRY",
     "WEIGHTS_FILE",
+    "BatchTopKSAE",
     "ForwardOutput",
+    "GatedSAE",
+    "HierarchicalSAE",
+    "JumpReLUSAE",
+    "MatryoshkaSAE",
+    "ReLUSAE",
+    "SparseAutoencoder",
     "TopKSAE",
     "load_sae",
     "make_sae",
     "save_sae",
 ]
 
-SAE_REGISTRY: dict[str, type[nn.Module]] = {"topk": TopKSAE}
+SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {
+    cls.arch: cls
+    for cls in (
+        ReLUSAE,
+        TopKSAE,
+        BatchTopKSAE,
+        JumpReLUSAE,
+        GatedSAE,
+        MatryoshkaSAE,
+        HierarchicalSAE,
+    )
+}
 WEIGHTS_FILE = "sae.safetensors"
 
 
-def make_sae(arch: str, **kwargs: Any) -> nn.Module:
+def make_sae(arch: str, **kwargs: Any) -> SparseAutoencoder:
     if arch not in SAE_REGISTRY:
         raise HsaeError(f"sae.arch={arch!r} is not known; valid: {', '.join(sorted(SAE_REGISTRY))}")
+    params = inspect.signature(SAE_REGISTRY[arch].__init__).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        valid = ", ".join(p for p in params if p != "self")
+        raise HsaeError(f"sae.arch={arch!r} takes no {', '.join(unknown)}; it takes: {valid}")
     return SAE_REGISTRY[arch](**kwargs)
 
 
@@ -51,17 +79,22 @@ def sae_kwargs(sae_cfg: Any, d_model: int) -> dict[str, Any]:
     return {"arch": sae_cfg.arch, **kwargs, "d_model": d_model}
 
 
-def save_sae(sae: nn.Module, directory: str | Path) -> Path:
-    """Write ``sae.safetensors`` (float32 weights, with the SAE's config as metadata)."""
+def save_sae(sae: SparseAutoencoder, directory: str | Path) -> Path:
+    """Write ``sae.safetensors`` (float32 weights, integer buffers as they are, with the SAE's
+    config as metadata)."""
     path = Path(directory) / WEIGHTS_FILE
     tmp = path.with_name(f".{path.name}.tmp")
-    state = {k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items()}
+    # Counters (rows since fired, threshold updates) stay integers: float32 would round them.
+    state = {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+        for k, v in sae.state_dict().items()
+    }
     save_file(state, str(tmp), metadata={"config": json.dumps(sae.config())})
     tmp.replace(path)
     return path
 
 
-def load_sae(path: str | Path) -> nn.Module:
+def load_sae(path: str | Path) -> SparseAutoencoder:
     """Rebuild an SAE from ``sae.safetensors`` (a file or the folder that holds it)."""
     path = Path(path)
     if path.is_dir():

@@ -3,7 +3,8 @@
 Gao et al. 2024, "Scaling and evaluating sparse autoencoders" (arXiv:2406.04093): keep the
 ``k`` largest pre-activations of each row, ReLU them, zero the rest. Pre-encoder bias
 ``b_pre`` subtracted before encoding and added back after decoding; decoder rows at unit
-norm; the encoder initialised as the decoder's transpose.
+norm; the encoder initialised as the decoder's transpose; the AuxK loss (§A.2) revives dead
+latents by having them reconstruct what the live ones miss.
 """
 
 from __future__ import annotations
@@ -11,19 +12,42 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hsae.sae.base import ForwardOutput, UnitNormDecoderMixin, geometric_median, normalized_mse
+from hsae.sae.base import (
+    AuxKMixin,
+    ForwardOutput,
+    SparseAutoencoder,
+    UnitNormDecoderMixin,
+    check_k,
+    check_positive_int,
+    normalized_mse,
+    topk_codes,
+)
 
 
-class TopKSAE(UnitNormDecoderMixin, nn.Module):
+class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
     arch = "topk"
 
-    def __init__(self, d_model: int, n_latents: int, k: int):
+    def __init__(
+        self,
+        d_model: int,
+        n_latents: int,
+        k: int,
+        k_aux: int | None = None,
+        aux_coeff: float = 1 / 32,  # the paper's weight
+        # Rows, not LM tokens: ~ one pass over ImageNet-1k CLS tokens (the paper: 10M tokens).
+        dead_tokens_threshold: int = 1_000_000,
+    ):
         super().__init__()
+        check_positive_int("n_latents", n_latents)
+        check_k(k, n_latents)
         self.d_model, self.n_latents, self.k = d_model, n_latents, k
+        self.k_aux, self.aux_coeff = k_aux, aux_coeff
+        self.dead_tokens_threshold = dead_tokens_threshold
         self.b_pre = nn.Parameter(torch.zeros(d_model))
         self.W_enc = nn.Parameter(torch.empty(d_model, n_latents))
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
+        self._init_auxk(n_latents)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -34,36 +58,23 @@ class TopKSAE(UnitNormDecoderMixin, nn.Module):
             self.b_enc.zero_()
             self.b_pre.zero_()
 
-    def config(self) -> dict:
-        """Constructor arguments: with the state dict, all that rebuilds this SAE."""
-        return {
-            "arch": self.arch,
-            "d_model": self.d_model,
-            "n_latents": self.n_latents,
-            "k": self.k,
-        }
-
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_pre) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        top = self.pre_acts(x).topk(self.k, dim=-1, sorted=False)
-        codes = torch.zeros(x.shape[0], self.n_latents, dtype=top.values.dtype, device=x.device)
-        return codes.scatter_(-1, top.indices, top.values.relu())
+        return topk_codes(self.pre_acts(x), self.k)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.W_dec + self.b_pre
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
-        codes = self.encode(x)
+        dead_l = self.dead_latents()
+        pre_nl = self.pre_acts(x)
+        codes = topk_codes(pre_nl, self.k)
         x_hat = self.decode(codes)
         recon = normalized_mse(x_hat, x)
-        return ForwardOutput(x_hat=x_hat, codes=codes, loss=recon, recon_loss=recon)
-
-    @torch.no_grad()
-    def init_b_pre(self, sample_nd: torch.Tensor, method: str = "geometric_median") -> None:
-        """Centre the encoder on the data: the geometric median is robust to outlier rows."""
-        if method == "geometric_median":
-            self.b_pre.copy_(geometric_median(sample_nd.float()))
-        elif method == "mean":
-            self.b_pre.copy_(sample_nd.float().mean(dim=0))
+        aux = self._auxk_loss(pre_nl, x, x_hat, dead_l, self.W_dec)
+        if self.training:
+            self._update_fired(codes)
+        loss = recon if aux is None else recon + aux
+        return ForwardOutput(x_hat=x_hat, codes=codes, loss=loss, recon_loss=recon, aux_loss=aux)

@@ -1,0 +1,92 @@
+"""BatchTopK sparse autoencoder.
+
+Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders" (arXiv:2412.06410): during
+training keep the ``k × n`` largest ReLU'd pre-activations of the whole batch, so the
+average L0 is ``k`` but each row takes as many latents as it needs. At inference a row must
+not depend on its batch, so a single threshold ``theta`` replaces the batch selection:
+``theta`` is the running average (an exponential moving average) of the smallest
+activation the batch selection kept, and in eval mode a latent fires where its
+pre-activation exceeds it. Everything else as TopK (Gao et al. 2024): ``b_pre``, unit-norm
+decoder rows, encoder initialised as the decoder's transpose, AuxK for dead latents.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hsae.sae.base import ForwardOutput, batch_topk_codes, check_fraction, normalized_mse
+from hsae.sae.topk import TopKSAE
+
+
+class ThresholdMixin:
+    """The inference threshold of BatchTopK, shared with Matryoshka's BatchTopK inside."""
+
+    threshold: torch.Tensor
+    n_threshold_updates: torch.Tensor
+    threshold_momentum: float
+    training: bool
+
+    def _init_threshold(self) -> None:
+        check_fraction("threshold_momentum", self.threshold_momentum, open_low=True)
+        self.register_buffer("threshold", torch.zeros(()))  # type: ignore[attr-defined]
+        self.register_buffer("n_threshold_updates", torch.zeros((), dtype=torch.long))  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def _update_threshold(self, codes_nl: torch.Tensor) -> None:
+        positive = codes_nl[codes_nl > 0]
+        if positive.numel() == 0:
+            return
+        smallest = positive.min().to(self.threshold.dtype)
+        if self.n_threshold_updates == 0:
+            # The first estimate starts the average, rather than being pulled towards 0.
+            self.threshold.copy_(smallest)
+        else:
+            self.threshold.lerp_(smallest, self.threshold_momentum)
+        self.n_threshold_updates.add_(1)
+
+    def _sparsify(self, pre_nl: torch.Tensor, k: int) -> torch.Tensor:
+        """Batch top-k while training (updating the threshold); the threshold in eval mode.
+
+        An SAE that never trained has no threshold yet; it keeps the batch top-k then, so
+        it still obeys its L0 budget instead of firing every positive latent.
+        """
+        if self.training or self.n_threshold_updates == 0:
+            codes = batch_topk_codes(pre_nl, k)
+            if self.training:
+                self._update_threshold(codes)
+            return codes
+        return pre_nl * (pre_nl > self.threshold.clamp_min(0))
+
+
+class BatchTopKSAE(ThresholdMixin, TopKSAE):
+    arch = "batchtopk"
+
+    def __init__(
+        self,
+        d_model: int,
+        n_latents: int,
+        k: int,
+        k_aux: int | None = None,
+        aux_coeff: float = 1 / 32,
+        dead_tokens_threshold: int = 1_000_000,
+        # ~ an average over the last 100 steps: smooth, yet it follows the encoder as it trains.
+        threshold_momentum: float = 0.01,
+    ):
+        super().__init__(d_model, n_latents, k, k_aux, aux_coeff, dead_tokens_threshold)
+        self.threshold_momentum = threshold_momentum
+        self._init_threshold()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._sparsify(self.pre_acts(x), self.k)
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        dead_l = self.dead_latents()
+        pre_nl = self.pre_acts(x)
+        codes = self._sparsify(pre_nl, self.k)
+        x_hat = self.decode(codes)
+        recon = normalized_mse(x_hat, x)
+        aux = self._auxk_loss(pre_nl, x, x_hat, dead_l, self.W_dec)
+        if self.training:
+            self._update_fired(codes)
+        loss = recon if aux is None else recon + aux
+        return ForwardOutput(x_hat=x_hat, codes=codes, loss=loss, recon_loss=recon, aux_loss=aux)

@@ -1,0 +1,100 @@
+"""Gated sparse autoencoder.
+
+Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated Sparse Autoencoders"
+(arXiv:2404.16014). The encoder splits *which* latents fire from *how much*:
+
+    pi_gate = W_gate (x - b_pre) + b_gate            f_gate = 1[pi_gate > 0]
+    pi_mag  = (exp(r_mag) * W_gate) (x - b_pre) + b_mag   f_mag = ReLU(pi_mag)
+    f = f_gate * f_mag,   x_hat = W_dec f + b_pre
+
+The two paths share ``W_gate`` (rescaled per latent by ``exp(r_mag)``), so the gated SAE
+costs about what a ReLU SAE does. The L1 penalty falls on ``ReLU(pi_gate)`` only, so it
+does not shrink the magnitudes; since the step ``f_gate`` has no gradient, an auxiliary
+loss reconstructs ``x`` from ``ReLU(pi_gate)`` through a frozen (detached) copy of the
+decoder, which trains the gate path to reconstruct without moving the decoder. Decoder
+rows at unit norm; ``W_gate`` initialised as the decoder's transpose; ``r_mag``, biases 0.
+``l1_coeff`` is on the scale of ``relu``'s (see ``hsae.sae.base.l1_scale``) and warms up
+over ``l1_warmup_fraction`` of training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hsae.sae.base import (
+    ForwardOutput,
+    SparseAutoencoder,
+    UnitNormDecoderMixin,
+    check_positive_int,
+    l1_scale,
+    normalized_mse,
+    warmup_scale,
+)
+from hsae.sae.relu import check_l1
+
+
+class GatedSAE(UnitNormDecoderMixin, SparseAutoencoder):
+    arch = "gated"
+
+    def __init__(
+        self,
+        d_model: int,
+        n_latents: int,
+        l1_coeff: float = 5.0,
+        l1_warmup_fraction: float = 0.05,
+    ):
+        super().__init__()
+        check_positive_int("n_latents", n_latents)
+        check_l1(l1_coeff, l1_warmup_fraction)
+        self.d_model, self.n_latents = d_model, n_latents
+        self.l1_coeff, self.l1_warmup_fraction = l1_coeff, l1_warmup_fraction
+        self.l1_warmup = 1.0  # full coefficient unless a trainer reports its progress
+        self.b_pre = nn.Parameter(torch.zeros(d_model))
+        self.W_gate = nn.Parameter(torch.empty(d_model, n_latents))
+        self.b_gate = nn.Parameter(torch.zeros(n_latents))
+        self.r_mag = nn.Parameter(torch.zeros(n_latents))
+        self.b_mag = nn.Parameter(torch.zeros(n_latents))
+        self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.W_dec)
+        self.normalize_decoder()
+        with torch.no_grad():
+            self.W_gate.copy_(self.W_dec.T)
+            for bias in (self.b_gate, self.r_mag, self.b_mag, self.b_pre):
+                bias.zero_()
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.l1_warmup = warmup_scale(step, total_steps, self.l1_warmup_fraction)
+
+    def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pi_gate, codes)``; the magnitude path reuses the gate's projection."""
+        projected = (x - self.b_pre) @ self.W_gate
+        pi_gate = projected + self.b_gate
+        pi_mag = projected * self.r_mag.exp() + self.b_mag
+        return pi_gate, (pi_gate > 0).to(x.dtype) * pi_mag.relu()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._paths(x)[1]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.W_dec + self.b_pre
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        pi_gate, codes = self._paths(x)
+        x_hat = self.decode(codes)
+        recon = normalized_mse(x_hat, x)
+        gate_acts = pi_gate.relu()
+        sparsity = self.l1_coeff * self.l1_warmup * gate_acts.sum(dim=-1).mean() / l1_scale(x)
+        x_hat_frozen = gate_acts @ self.W_dec.detach() + self.b_pre.detach()
+        aux = normalized_mse(x_hat_frozen, x)
+        return ForwardOutput(
+            x_hat=x_hat,
+            codes=codes,
+            loss=recon + aux + sparsity,
+            recon_loss=recon,
+            aux_loss=aux,
+            sparsity_loss=sparsity,
+        )

@@ -1,0 +1,148 @@
+"""JumpReLU sparse autoencoder.
+
+Rajamanoharan et al. 2024, "Jumping Ahead: Improving Reconstruction Fidelity with JumpReLU
+Sparse Autoencoders" (arXiv:2407.14435). Each latent has a learned threshold ``theta_i``
+(stored as its log, so it stays positive): ``f_i = z_i * H(z_i - theta_i)`` with
+``z = W_enc (x - b_pre) + b_enc``, and the loss penalises L0 directly,
+``||x - x_hat||^2 + lambda * ||f||_0``. Both the jump and the step have zero gradient
+with respect to ``theta`` almost everywhere, so the paper's straight-through estimators
+replace it with a kernel density estimate (rectangle kernel of width ``bandwidth``):
+
+    d/dtheta JumpReLU(z) := -(theta / eps) K((z - theta) / eps)
+    d/dtheta H(z - theta) := -(1 / eps) K((z - theta) / eps),  K(u) = 1[|u| < 1/2]
+
+so only rows whose pre-activation lies within ``eps/2`` of a threshold move it. ``z``
+gets the plain gradient through the jump (``H(z - theta)``) and none through the L0 term.
+Decoder rows at unit norm (as in the paper and Gemma Scope), encoder initialised as the
+decoder's transpose, thresholds at 0.001. ``bandwidth`` and ``init_threshold`` are in the
+units of the pre-activations: the paper's 0.001 assumes inputs normalised to unit mean
+squared norm. The L0 coefficient warms up linearly over ``sparsity_warmup_fraction``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from hsae.errors import HsaeError
+from hsae.sae.base import (
+    ForwardOutput,
+    SparseAutoencoder,
+    UnitNormDecoderMixin,
+    check_fraction,
+    check_positive_int,
+    normalized_mse,
+    warmup_scale,
+)
+
+
+def _rectangle(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return (((pre - threshold) / bandwidth).abs() < 0.5).to(pre.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        pre, threshold = ctx.saved_tensors
+        grad_pre = grad_out * (pre > threshold).to(pre.dtype)
+        kernel = _rectangle(pre, threshold, ctx.bandwidth)
+        grad_threshold = -(threshold / ctx.bandwidth) * kernel * grad_out
+        return grad_pre, grad_threshold.reshape(-1, pre.shape[-1]).sum(dim=0), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        pre, threshold = ctx.saved_tensors
+        kernel = _rectangle(pre, threshold, ctx.bandwidth)
+        grad_threshold = -(1.0 / ctx.bandwidth) * kernel * grad_out
+        return torch.zeros_like(pre), grad_threshold.reshape(-1, pre.shape[-1]).sum(dim=0), None
+
+
+class JumpReLUSAE(UnitNormDecoderMixin, SparseAutoencoder):
+    arch = "jumprelu"
+
+    def __init__(
+        self,
+        d_model: int,
+        n_latents: int,
+        bandwidth: float = 0.001,  # the paper's epsilon
+        sparsity_coeff: float = 1e-3,  # lambda: L0 cost in units of the FVU
+        sparsity_warmup_fraction: float = 0.1,
+        init_threshold: float = 0.001,  # the paper's theta_0
+    ):
+        super().__init__()
+        check_positive_int("n_latents", n_latents)
+        if not bandwidth > 0:
+            raise HsaeError(f"sae.bandwidth={bandwidth!r} must be > 0 (the paper uses 0.001)")
+        if not sparsity_coeff >= 0:
+            raise HsaeError(f"sae.sparsity_coeff={sparsity_coeff!r} must be >= 0")
+        check_fraction("sparsity_warmup_fraction", sparsity_warmup_fraction)
+        if not init_threshold > 0:
+            raise HsaeError(f"sae.init_threshold={init_threshold!r} must be > 0 (it is a log)")
+        self.d_model, self.n_latents = d_model, n_latents
+        self.bandwidth, self.sparsity_coeff = bandwidth, sparsity_coeff
+        self.sparsity_warmup_fraction = sparsity_warmup_fraction
+        self.init_threshold = init_threshold
+        self.sparsity_warmup = 1.0  # full coefficient unless a trainer reports its progress
+        self.b_pre = nn.Parameter(torch.zeros(d_model))
+        self.W_enc = nn.Parameter(torch.empty(d_model, n_latents))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.log_threshold = nn.Parameter(torch.empty(n_latents))
+        self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.W_dec)
+        self.normalize_decoder()
+        with torch.no_grad():
+            self.W_enc.copy_(self.W_dec.T)
+            self.b_enc.zero_()
+            self.b_pre.zero_()
+            self.log_threshold.fill_(math.log(self.init_threshold))
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.sparsity_warmup = warmup_scale(step, total_steps, self.sparsity_warmup_fraction)
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_pre) @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return _JumpReLU.apply(self.pre_acts(x), self.threshold, self.bandwidth)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.W_dec + self.b_pre
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        pre_nl, threshold = self.pre_acts(x), self.threshold
+        codes = _JumpReLU.apply(pre_nl, threshold, self.bandwidth)
+        x_hat = self.decode(codes)
+        recon = normalized_mse(x_hat, x)
+        l0 = _Step.apply(pre_nl, threshold, self.bandwidth).sum(dim=-1).mean()
+        sparsity = self.sparsity_coeff * self.sparsity_warmup * l0
+        return ForwardOutput(
+            x_hat=x_hat,
+            codes=codes,
+            loss=recon + sparsity,
+            recon_loss=recon,
+            sparsity_loss=sparsity,
+        )
