@@ -50,6 +50,7 @@ SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {
     )
 }
 WEIGHTS_FILE = "sae.safetensors"
+FOLDED_SCALE_KEY = "folded_input_scale"  # metadata: the scale save_sae folded into the weights
 
 
 def make_sae(arch: str, **kwargs: Any) -> SparseAutoencoder:
@@ -80,22 +81,28 @@ def sae_kwargs(sae_cfg: Any, d_model: int) -> dict[str, Any]:
 
 
 def save_sae(sae: SparseAutoencoder, directory: str | Path) -> Path:
-    """Write ``sae.safetensors`` (float32 weights, integer buffers as they are, with the SAE's
-    config as metadata)."""
+    """Write ``sae.safetensors``: float32 weights with the input scale folded in (so any
+    reader computes the same codes and reconstructions from raw inputs without knowing it),
+    integer buffers as they are, and as metadata the SAE's config and the folded scale."""
     path = Path(directory) / WEIGHTS_FILE
     tmp = path.with_name(f".{path.name}.tmp")
-    # Counters (rows since fired, threshold updates) stay integers: float32 would round them.
-    state = {
-        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
-        for k, v in sae.state_dict().items()
+    metadata = {
+        "config": json.dumps(sae.config()),
+        # A folded SAE saved again (input_scale 1) still carries the scale in its weights.
+        FOLDED_SCALE_KEY: repr(float(sae.input_scale) * sae.folded_input_scale),
     }
-    save_file(state, str(tmp), metadata={"config": json.dumps(sae.config())})
+    save_file(sae.folded_state_dict(), str(tmp), metadata=metadata)
     tmp.replace(path)
     return path
 
 
-def load_sae(path: str | Path) -> SparseAutoencoder:
-    """Rebuild an SAE from ``sae.safetensors`` (a file or the folder that holds it)."""
+def load_sae(path: str | Path, unfold: bool = False) -> SparseAutoencoder:
+    """Rebuild an SAE from ``sae.safetensors`` (a file or the folder that holds it).
+
+    As written, the input scale is folded into the weights (``input_scale`` = 1, decoder
+    rows of norm ``s``): right for inference and export, but ``normalize_decoder`` and
+    ``set_input_scale`` refuse it. ``unfold=True`` gives back the training form
+    (``input_scale = s``, unit-norm decoder rows), to train further."""
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_FILE
@@ -110,4 +117,8 @@ def load_sae(path: str | Path) -> SparseAutoencoder:
     config = json.loads(metadata["config"])
     sae = make_sae(**config)
     sae.load_state_dict(load_file(str(path)))
+    # Files from before input normalisation were never scaled.
+    sae.folded_input_scale = float(metadata.get(FOLDED_SCALE_KEY, "1.0"))
+    if unfold:
+        sae.unfold_input_scale()
     return sae

@@ -4,6 +4,8 @@ helpers, the sparsifying activations and the AuxK loss for dead latents."""
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -97,15 +99,64 @@ def check_k(k: int, n_latents: int, what: str = "sae.n_latents") -> None:
         raise HsaeError(f"sae.k={k!r} must be in 1..{what} ({n_latents}); lower sae.k")
 
 
-class SparseAutoencoder(nn.Module):
+class SparseAutoencoder(nn.Module, ABC):
     """Base of every architecture: the config that rebuilds it, the direction each latent
-    writes, and the pre-encoder bias ``b_pre`` centred on the data."""
+    writes, the pre-encoder bias ``b_pre`` centred on the data, and the input scale.
+
+    Inputs are divided by the ``input_scale`` buffer before anything else and
+    reconstructions multiplied by it after (``forward``, ``encode``, ``decode``), so each
+    architecture (``_forward``, ``_encode``, ``_decode``) sees inputs of unit mean squared
+    norm once ``set_input_scale`` has run: its hyperparameters (JumpReLU's thresholds and
+    bandwidth, decoder-row norms) mean what the papers mean on any backbone's scale. Codes
+    are in those normalised units; reconstructions in the input's. ``save_sae`` folds the
+    scale into the weights (``folded_state_dict``).
+    """
 
     arch: ClassVar[str]
+    # Weights whose first axis (``[d, ...]``) meets the input: divided by the scale on folding.
+    encoder_weights: ClassVar[tuple[str, ...]] = ("W_enc",)
+    # Weights whose last axis (``[..., d]``) writes the output: multiplied on folding.
+    decoder_weights: ClassVar[tuple[str, ...]] = ("W_dec",)
     d_model: int
     n_latents: int
     b_pre: nn.Parameter
     W_dec: nn.Parameter
+    input_scale: torch.Tensor
+    folded_input_scale: float
+    """Scale that ``save_sae`` folded into these weights (1: none); see ``load_sae``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # 1 = inputs as they come, until set_input_scale measures them.
+        self.register_buffer("input_scale", torch.ones(()))
+        self.folded_input_scale = 1.0
+
+    # ---- what each architecture defines, in normalised units ---------------------------
+
+    @abstractmethod
+    def _forward(self, x: torch.Tensor) -> ForwardOutput:
+        """``forward`` on ``x / input_scale``; ``x_hat`` in those units."""
+
+    @abstractmethod
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes of ``x / input_scale``."""
+
+    @abstractmethod
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in normalised units."""
+
+    # ---- the public interface, in the input's units ------------------------------------
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        # A 0-dim buffer does not promote x's dtype (bf16 stays bf16).
+        out = self._forward(x / self.input_scale)
+        return out._replace(x_hat=out.x_hat * self.input_scale)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._encode(x / self.input_scale)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self._decode(codes) * self.input_scale
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments: with the state dict, all that rebuilds this SAE.
@@ -126,17 +177,111 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def init_b_pre(self, sample_nd: torch.Tensor, method: str = "geometric_median") -> None:
-        """Centre the encoder on the data: the geometric median is robust to outlier rows."""
+        """Centre the encoder on the data: the geometric median is robust to outlier rows.
+
+        ``b_pre`` is stored in normalised units, so this and ``set_input_scale`` may run in
+        either order."""
         if method == "geometric_median":
-            self.b_pre.copy_(geometric_median(sample_nd.float()))
+            centre = geometric_median(sample_nd.float())
         elif method == "mean":
-            self.b_pre.copy_(sample_nd.float().mean(dim=0))
+            centre = sample_nd.float().mean(dim=0)
         elif method == "zeros":
-            self.b_pre.zero_()
+            centre = torch.zeros_like(self.b_pre)
         else:
             raise HsaeError(
                 f"b_pre init method={method!r} is not known; valid: geometric_median, mean, zeros"
             )
+        self.b_pre.copy_(centre.to(self.b_pre) / self.input_scale)
+
+    @torch.no_grad()
+    def set_input_scale(self, sample_nd: torch.Tensor) -> float:
+        """Set ``input_scale`` to ``sqrt(mean_n ||x_n||^2)`` of a data sample (returned), so
+        the architecture sees rows of unit mean squared norm. Call it before training; it
+        keeps ``b_pre`` where it is in input units (an ``init_b_pre`` before it stays valid)
+        and changes nothing else, so on a trained SAE it changes what the SAE computes."""
+        self._check_not_folded("set_input_scale")
+        if sample_nd.ndim != 2 or sample_nd.shape[1] != self.d_model or sample_nd.shape[0] == 0:
+            raise HsaeError(
+                f"set_input_scale needs a [n_rows, d_model={self.d_model}] sample with n_rows "
+                f">= 1, got shape {tuple(sample_nd.shape)}; pass rows of the training data"
+            )
+        scale = sample_nd.double().pow(2).sum(dim=-1).mean().sqrt()
+        if not (torch.isfinite(scale) and scale > 0):
+            raise HsaeError(
+                f"the sample's root mean squared norm is {scale.item()}: the sample is all zeros "
+                "or holds NaN/Inf; pass rows of the training data (check the cache)"
+            )
+        self.b_pre.mul_((self.input_scale.double() / scale).to(self.b_pre))
+        self.input_scale.fill_(scale.item())
+        return scale.item()
+
+    @torch.no_grad()
+    def folded_state_dict(self) -> dict[str, torch.Tensor]:
+        """This SAE's state (float32, on the CPU) with ``input_scale`` folded into the
+        weights and set to 1: the same codes and reconstructions from raw inputs.
+
+        Exact for every architecture (up to rounding), because each one only ever looks at
+        its input through ``(x / s - b_pre) @ W`` for its encoder weights ``W``, which is
+        ``(x - s b_pre) @ (W / s)``: pre-activations, and so codes, thresholds, gates and
+        biases, are unchanged; and it writes ``s (codes @ W_dec + b_pre)``, which is
+        ``codes @ (s W_dec) + s b_pre``. Decoder rows then have norm ``s`` (see
+        ``unfold_input_scale``).
+        """
+        return _rescaled(self, self.input_scale.double(), to_scale=1.0)
+
+    @torch.no_grad()
+    def unfold_input_scale(self) -> None:
+        """Undo what ``save_sae`` folded in (``folded_input_scale``): back to the training
+        form, ``input_scale = s`` and decoder rows as they were trained (unit norm)."""
+        scale = self.folded_input_scale
+        if scale == 1.0:
+            return
+        state = _rescaled(self, torch.tensor(1.0 / scale, dtype=torch.float64), to_scale=scale)
+        self.load_state_dict(state)
+        self.folded_input_scale = 1.0
+
+    def _check_not_folded(self, what: str) -> None:
+        if self.folded_input_scale != 1.0:
+            raise HsaeError(
+                f"{what} on an SAE loaded with its input scale ({self.folded_input_scale:.6g}) "
+                "folded into its weights (decoder rows of that norm): load it with "
+                "load_sae(path, unfold=True) to train it further"
+            )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Files and checkpoints from before input normalisation hold no scale: they are 1.
+        state_dict.setdefault(f"{prefix}input_scale", torch.ones(()))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _rescaled(
+    sae: SparseAutoencoder, factor: torch.Tensor, to_scale: float
+) -> dict[str, torch.Tensor]:
+    """State dict (float32, CPU) with encoder weights divided by ``factor``, decoder
+    weights and ``b_pre`` multiplied by it, and ``input_scale`` set to ``to_scale``."""
+    state: dict[str, torch.Tensor] = {}
+    for name, value in sae.state_dict().items():
+        value = value.detach().cpu()
+        if name in sae.encoder_weights:
+            value = value.double() / factor
+        elif name in sae.decoder_weights or name == "b_pre":
+            value = value.double() * factor
+        elif name == "input_scale":
+            value = torch.full_like(value, to_scale)
+        # Counters (rows since fired, threshold updates) stay integers: float32 would round them.
+        state[name] = (value.float() if value.is_floating_point() else value).contiguous()
+    return state
 
 
 class UnitNormDecoderMixin:
@@ -146,9 +291,11 @@ class UnitNormDecoderMixin:
     a row in input space."""
 
     unit_norm_decoders: ClassVar[tuple[str, ...]] = ("W_dec",)
+    _check_not_folded: Callable[[str], None]
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
+        self._check_not_folded("normalize_decoder")
         for name in self.unit_norm_decoders:
             weight = getattr(self, name)
             weight.div_(weight.norm(dim=-1, keepdim=True).clamp_min(1e-12))

@@ -76,14 +76,14 @@ class BatchTopKSAE(ThresholdMixin, TopKSAE):
         self.threshold_momentum = threshold_momentum
         self._init_threshold()
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._sparsify(self.pre_acts(x), self.k)
 
-    def forward(self, x: torch.Tensor) -> ForwardOutput:
+    def _forward(self, x: torch.Tensor) -> ForwardOutput:
         dead_l = self.dead_latents()
         pre_nl = self.pre_acts(x)
         codes = self._sparsify(pre_nl, self.k)
-        x_hat = self.decode(codes)
+        x_hat = self._decode(codes)
         recon = normalized_mse(x_hat, x)
         aux = self._auxk_loss(pre_nl, x, x_hat, dead_l, self.W_dec)
         if self.training:

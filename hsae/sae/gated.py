@@ -36,6 +36,7 @@ from hsae.sae.relu import check_l1
 
 class GatedSAE(UnitNormDecoderMixin, SparseAutoencoder):
     arch = "gated"
+    encoder_weights = ("W_gate",)  # the magnitude path reuses it
 
     def __init__(
         self,
@@ -76,15 +77,15 @@ class GatedSAE(UnitNormDecoderMixin, SparseAutoencoder):
         pi_mag = projected * self.r_mag.exp() + self.b_mag
         return pi_gate, (pi_gate > 0).to(x.dtype) * pi_mag.relu()
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._paths(x)[1]
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.W_dec + self.b_pre
 
-    def forward(self, x: torch.Tensor) -> ForwardOutput:
+    def _forward(self, x: torch.Tensor) -> ForwardOutput:
         pi_gate, codes = self._paths(x)
-        x_hat = self.decode(codes)
+        x_hat = self._decode(codes)
         recon = normalized_mse(x_hat, x)
         gate_acts = pi_gate.relu()
         sparsity = self.l1_coeff * self.l1_warmup * gate_acts.sum(dim=-1).mean() / l1_scale(x)

@@ -51,6 +51,8 @@ from hsae.sae.base import (
 class HierarchicalSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
     arch = "hierarchical"
     unit_norm_decoders = ("W_dec", "W_cdec")
+    encoder_weights = ("W_enc", "W_cenc")
+    decoder_weights = ("W_dec", "W_cdec")
 
     def __init__(
         self,
@@ -110,7 +112,7 @@ class HierarchicalSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
     def decoder_rows(self) -> torch.Tensor:
         return torch.cat([self.W_dec, self.W_cdec.reshape(-1, self.d_model)])
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(parent pre-activations [n, n_parents], codes [n, n_latents])``."""
         centred = x - self.b_pre
         pre_np = centred @ self.W_enc + self.b_enc
@@ -121,16 +123,16 @@ class HierarchicalSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         children = topk_codes(child_pre_npc, self.k_child) * on_np1
         return pre_np, torch.cat([parents, children.flatten(1)], dim=-1)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._encode(x)[1]
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._encode_parts(x)[1]
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.decoder_rows() + self.b_pre
 
-    def forward(self, x: torch.Tensor) -> ForwardOutput:
+    def _forward(self, x: torch.Tensor) -> ForwardOutput:
         dead_p = self.dead_latents()
-        pre_np, codes = self._encode(x)
-        x_hat = self.decode(codes)
+        pre_np, codes = self._encode_parts(x)
+        x_hat = self._decode(codes)
         recon = normalized_mse(x_hat, x)
         aux = self._auxk_loss(pre_np, x, x_hat, dead_p, self.W_dec)
         if self.training:

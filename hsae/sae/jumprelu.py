@@ -16,7 +16,8 @@ gets the plain gradient through the jump (``H(z - theta)``) and none through the
 Decoder rows at unit norm (as in the paper and Gemma Scope), encoder initialised as the
 decoder's transpose, thresholds at 0.001. ``bandwidth`` and ``init_threshold`` are in the
 units of the pre-activations: the paper's 0.001 assumes inputs normalised to unit mean
-squared norm. The L0 coefficient warms up linearly over ``sparsity_warmup_fraction``.
+squared norm, which ``set_input_scale`` provides (without it they are in the activations'
+raw units). The L0 coefficient warms up linearly over ``sparsity_warmup_fraction``.
 """
 
 from __future__ import annotations
@@ -124,18 +125,19 @@ class JumpReLUSAE(UnitNormDecoderMixin, SparseAutoencoder):
         return self.log_threshold.exp()
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations of ``x`` in normalised units (``x / input_scale``)."""
         return (x - self.b_pre) @ self.W_enc + self.b_enc
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return _JumpReLU.apply(self.pre_acts(x), self.threshold, self.bandwidth)
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.W_dec + self.b_pre
 
-    def forward(self, x: torch.Tensor) -> ForwardOutput:
+    def _forward(self, x: torch.Tensor) -> ForwardOutput:
         pre_nl, threshold = self.pre_acts(x), self.threshold
         codes = _JumpReLU.apply(pre_nl, threshold, self.bandwidth)
-        x_hat = self.decode(codes)
+        x_hat = self._decode(codes)
         recon = normalized_mse(x_hat, x)
         l0 = _Step.apply(pre_nl, threshold, self.bandwidth).sum(dim=-1).mean()
         sparsity = self.sparsity_coeff * self.sparsity_warmup * l0

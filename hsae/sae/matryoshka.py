@@ -95,7 +95,7 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
             return topk_codes(pre_nl, self.k)
         return self._sparsify(pre_nl, self.k)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._select(self.pre_acts(x))
 
     def prefix_ends(self) -> list[int]:
@@ -110,8 +110,9 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
         return sorted({*lengths, self.n_latents})
 
     def reconstruct_prefixes(self, codes: torch.Tensor, ends: Sequence[int]) -> list[torch.Tensor]:
-        """``[n, d]`` reconstruction of each prefix ``codes[:, :end]``, for each of ``ends``
-        (increasing), built group by group so each costs only its new latents."""
+        """``[n, d]`` reconstruction (normalised units) of each prefix ``codes[:, :end]``, for
+        each of ``ends`` (increasing), built group by group so each costs only its new
+        latents."""
         recons, partial, start = [], self.b_pre.expand(codes.shape[0], -1), 0
         for end in ends:
             partial = partial + codes[:, start:end] @ self.W_dec[start:end]
@@ -119,7 +120,7 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
             start = end
         return recons
 
-    def forward(self, x: torch.Tensor) -> ForwardOutput:
+    def _forward(self, x: torch.Tensor) -> ForwardOutput:
         dead_l = self.dead_latents()
         pre_nl = self.pre_acts(x)
         codes = self._select(pre_nl)

@@ -70,15 +70,15 @@ class ReLUSAE(SparseAutoencoder):
     def set_progress(self, step: int, total_steps: int) -> None:
         self.l1_warmup = warmup_scale(step, total_steps, self.l1_warmup_fraction)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return ((x - self.b_pre) @ self.W_enc + self.b_enc).relu()
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.W_dec + self.b_pre
 
-    def forward(self, x: torch.Tensor) -> ForwardOutput:
-        codes = self.encode(x)
-        x_hat = self.decode(codes)
+    def _forward(self, x: torch.Tensor) -> ForwardOutput:
+        codes = self._encode(x)
+        x_hat = self._decode(codes)
         recon = normalized_mse(x_hat, x)
         weighted_l1 = (codes * self.W_dec.norm(dim=-1)).sum(dim=-1).mean()
         sparsity = self.l1_coeff * self.l1_warmup * weighted_l1 / l1_scale(x)

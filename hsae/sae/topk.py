@@ -59,19 +59,20 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
             self.b_pre.zero_()
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations of ``x`` in normalised units (``x / input_scale``)."""
         return (x - self.b_pre) @ self.W_enc + self.b_enc
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return topk_codes(self.pre_acts(x), self.k)
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.W_dec + self.b_pre
 
-    def forward(self, x: torch.Tensor) -> ForwardOutput:
+    def _forward(self, x: torch.Tensor) -> ForwardOutput:
         dead_l = self.dead_latents()
         pre_nl = self.pre_acts(x)
         codes = topk_codes(pre_nl, self.k)
-        x_hat = self.decode(codes)
+        x_hat = self._decode(codes)
         recon = normalized_mse(x_hat, x)
         aux = self._auxk_loss(pre_nl, x, x_hat, dead_l, self.W_dec)
         if self.training:
