@@ -1,16 +1,25 @@
 """The activation cache: a backbone's activations at one layer over one dataset split.
 
 A cache is a folder named by a hash of everything that determines its contents (backbone
-and its weight fingerprint, layer, token selection, dataset and split, preprocessing,
-storage dtype). Inside: ``shard-NNNNN.npy`` files of ``[rows, d]`` activations
-(memory-mappable), ``labels.npy`` (``[n_images, n_levels]``) and ``manifest.json``, which is
-written last, so a folder without it is unfinished. Each shard is written to a temporary
-name and renamed, with a small ``.json`` receipt; a build that is killed resumes from its
-finished shards. Concurrent builders of one cache serialise on a file lock: the first
-builds, the others wait and reuse it.
+and its image-tower weight fingerprint, layer, token selection, dataset and split and its
+files, preprocessing, storage dtype). Inside:
 
-Row ``r`` comes from image ``image_ids[r // tokens_per_image]`` and token
-``token_index[r % tokens_per_image]`` (``-1`` for mean-pooled rows).
+- ``shard-NNNNN.npy``: ``[rows, d]`` activations in the storage dtype (memory-mappable;
+  bfloat16 is stored as its uint16 bit pattern), each with a ``shard-NNNNN.json`` receipt
+  (rows, bytes, sha256, the images it covers, the images it skipped);
+- ``labels.npy``: ``[n_images, n_levels]`` labels of every dataset image;
+- ``image_ids.npy`` (only when some images were skipped, or for an activations file): the
+  dataset index of each cached image, in row order;
+- ``images.txt``: the name of each dataset image (its file path inside the dataset);
+- ``manifest.json``: written last, so a folder without it is unfinished.
+
+Row ``r`` comes from image ``image_ids[r // tokens_per_image]`` (``r // tokens_per_image``
+when there are no ``image_ids``) and token ``token_index[r % tokens_per_image]`` (``-1``:
+mean-pooled, or unknown for an activations file).
+
+Each shard is written to a temporary name and renamed; a killed build resumes from the
+shards whose receipts match. Concurrent builders of one cache serialise on a file lock next
+to the folder: the first builds, the others wait and reuse it. ``docs/cache.md`` has more.
 """
 
 from __future__ import annotations
@@ -21,31 +30,42 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from hsae.backbones import Backbone, select_tokens
+import hsae
+from hsae.backbones import POOLED_TOKEN, Backbone
+from hsae.data.activations import ActivationArray
+from hsae.data.common import ImageError
 from hsae.errors import HsaeError
 from hsae.hierarchy import Hierarchy
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 MANIFEST = "manifest.json"
+LABELS = "labels.npy"
+IMAGE_IDS = "image_ids.npy"
+IMAGE_NAMES = "images.txt"
 _NUMPY_STORAGE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class CacheRequest:
-    """What to cache: one layer and token selection of one backbone over one dataset split."""
+    """What to cache: one layer and token selection of one backbone over one dataset split.
+
+    ``shard_rows``, ``batch_size``, ``num_workers``, ``device`` and ``verify`` change how a
+    cache is built or opened, not what it holds, so they are not part of its key.
+    """
 
     layer: int
     tokens: str
@@ -54,6 +74,7 @@ class CacheRequest:
     batch_size: int = 256
     num_workers: int = 0
     device: str = "auto"
+    verify: bool = False  # checksum every shard when opening (reads the whole cache once)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -80,24 +101,65 @@ def cache_spec(backbone: Backbone, backbone_cfg: dict, dataset: Any, req: CacheR
     }
 
 
-def cache_dir_for(root: Path, spec: dict, backbone_name: str) -> Path:
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+def array_spec(source: ActivationArray, req: CacheRequest) -> dict:
+    """The key of a cache copied from an activations file: the file, split and dtype."""
+    return {"format": CACHE_FORMAT, "dataset": source.describe(), "dtype": req.dtype}
+
+
+def spec_key(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir_for(root: Path, spec: dict, backbone_name: str | None) -> Path:
     ds = spec["dataset"]
-    readable = f"{ds['name']}-{ds['split']}_{backbone_name}_l{spec['layer']}_{spec['tokens']}"
-    return Path(root).expanduser().resolve() / f"{readable}_{key}"
+    if "layer" in spec:
+        readable = f"{ds['name']}-{ds['split']}_{backbone_name}_l{spec['layer']}_{spec['tokens']}"
+    else:
+        readable = f"{ds['name']}-{ds['split']}_{ds.get('stem', 'array')}"
+    return Path(root).expanduser().resolve() / f"{readable}_{spec_key(spec)}"
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
+# ---- atomic files --------------------------------------------------------------------
+
+
+class _HashingWriter:
+    """A file wrapper that hashes what is written, so a shard is read once, not twice."""
+
+    def __init__(self, f):
+        self.f, self.digest = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> str:
+    """Write via ``write(file)`` to a temporary name, fsync, rename; returns the sha256."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        write(f)
+        writer = _HashingWriter(f)
+        write(writer)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)  # the rename itself survives a power cut
+    return writer.digest.hexdigest()
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
     _atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> str:
+    return _atomic_write_bytes(path, lambda f: np.save(f, array))
 
 
 def _sha256(path: Path) -> str:
@@ -108,140 +170,379 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# ---- building ------------------------------------------------------------------------
+
+
 def get_or_build(
-    root: str | Path, backbone: Backbone, backbone_cfg: dict, dataset: Any, req: CacheRequest
+    root: str | Path,
+    backbone: Backbone | None,
+    backbone_cfg: dict | None,
+    dataset: Any,
+    req: CacheRequest,
 ) -> ActivationCache:
-    """Open the cache for this request, building it first when it does not exist yet."""
-    spec = cache_spec(backbone, backbone_cfg, dataset, req)
-    path = cache_dir_for(Path(root), spec, backbone.name)
+    """Open the cache for this request, building it first when it does not exist yet.
+
+    ``dataset`` is an image dataset (``hsae.data``) captured through ``backbone``, or an
+    ``ActivationArray`` whose rows are copied as they are (``backbone`` may then be None).
+    """
+    if isinstance(dataset, ActivationArray):
+        spec = array_spec(dataset, req)
+        path = cache_dir_for(Path(root), spec, None)
+    else:
+        if backbone is None or backbone_cfg is None:
+            raise HsaeError("caching an image dataset needs a backbone")
+        spec = cache_spec(backbone, backbone_cfg, dataset, req)
+        path = cache_dir_for(Path(root), spec, backbone.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not (path / MANIFEST).exists():
-            _build(path, spec, backbone, dataset, req)
-        else:
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process that is building %s", path)
+        lock.acquire()
+    try:
+        if (path / MANIFEST).exists():
             log.info("reusing activation cache %s", path)
-    return ActivationCache.open(path)
+        elif isinstance(dataset, ActivationArray):
+            _Builder(path, spec, req).build_from_array(dataset)
+        else:
+            assert backbone is not None
+            _Builder(path, spec, req).build_from_images(backbone, dataset)
+    finally:
+        lock.release()
+    return ActivationCache.open(path, verify=req.verify)
 
 
-def _build(path: Path, spec: dict, backbone: Backbone, dataset: Any, req: CacheRequest) -> None:
-    device = resolve_device(req.device)
-    info = backbone.check_layer(req.layer)
-    probe = torch.zeros(1, info.n_tokens, info.d_model)
-    _, token_index = select_tokens(probe, req.tokens, backbone.has_cls)
-    tokens_per_image = len(token_index)
-    n_images = len(dataset)
-    images_per_shard = max(1, req.shard_rows // tokens_per_image)
-    n_shards = -(-n_images // images_per_shard)
-    storage = _NUMPY_STORAGE[req.dtype]
-    need = n_images * tokens_per_image * info.d_model * np.dtype(storage).itemsize
-    path.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(path).free
-    if need * 1.05 > free:
-        raise HsaeError(
-            f"activation cache needs {need / 1e9:.2f} GB but {path.parent} has {free / 1e9:.2f} GB "
-            "free; free space, set cache.dir elsewhere, or use dataset.max_images / cache.dtype=float16"
+def _collate(batch: list[tuple[Any, int]]):
+    """Stack the readable images; set unreadable ones (``ImageError``) aside."""
+    kept = [(image, i) for image, i in batch if not isinstance(image, ImageError)]
+    failed = [(i, image) for image, i in batch if isinstance(image, ImageError)]
+    images = torch.stack([image for image, _ in kept]) if kept else None
+    return images, [i for _, i in kept], failed
+
+
+class _Builder:
+    """Writes one cache folder shard by shard, then its labels and manifest."""
+
+    def __init__(self, path: Path, spec: dict, req: CacheRequest):
+        self.path, self.spec, self.req = path, spec, req
+        self.storage = _NUMPY_STORAGE[req.dtype]
+
+    # -- shards --
+
+    def _shard_paths(self, s: int) -> tuple[Path, Path]:
+        return self.path / f"shard-{s:05d}.npy", self.path / f"shard-{s:05d}.json"
+
+    def _finished(self, s: int, first: int, last: int) -> dict | None:
+        """The receipt of shard ``s`` when an earlier build finished it with this layout."""
+        shard, receipt_path = self._shard_paths(s)
+        if not (shard.exists() and receipt_path.exists()):
+            return None
+        try:
+            receipt = json.loads(receipt_path.read_text())
+        except json.JSONDecodeError:
+            return None
+        same_layout = (receipt.get("first_image"), receipt.get("last_image")) == (first, last)
+        if not same_layout or shard.stat().st_size != receipt.get("bytes"):
+            return None
+        return receipt
+
+    def _write_shard(
+        self, s: int, rows: torch.Tensor, first: int, last: int, skipped: list[dict]
+    ) -> dict:
+        shard, receipt_path = self._shard_paths(s)
+        stored = rows.to(_TORCH_DTYPES[self.req.dtype])
+        array = (stored.view(torch.uint16) if self.req.dtype == "bfloat16" else stored).numpy()
+        sha = _save_npy(shard, array)
+        receipt = {
+            "rows": len(array),
+            "bytes": shard.stat().st_size,
+            "sha256": sha,
+            "first_image": first,
+            "last_image": last,
+            "skipped": skipped,
+        }
+        _atomic_write_json(receipt_path, receipt)
+        return receipt
+
+    def _check_disk(self, n_rows_left: int, d_model: int) -> None:
+        need = n_rows_left * d_model * np.dtype(self.storage).itemsize
+        free = shutil.disk_usage(self.path).free
+        if need * 1.05 > free:
+            raise HsaeError(
+                f"activation cache needs {need / 1e9:.2f} GB more but {self.path.parent} has "
+                f"{free / 1e9:.2f} GB free; free space, set cache.dir elsewhere, or use "
+                "dataset.max_images / cache.dtype=float16"
+            )
+
+    def _plan(self, n_images: int, images_per_shard: int) -> list[tuple[int, int]]:
+        return [
+            (first, min(n_images, first + images_per_shard))
+            for first in range(0, n_images, images_per_shard)
+        ]
+
+    # -- images through a backbone --
+
+    def build_from_images(self, backbone: Backbone, dataset: Any) -> None:
+        req = self.req
+        device = resolve_device(req.device)
+        info = backbone.check_layer(req.layer)
+        _, token_index = backbone.select(torch.zeros(1, info.n_tokens, info.d_model), req.tokens)
+        tokens_per_image = len(token_index)
+        n_images = len(dataset)
+        plan = self._plan(n_images, max(1, req.shard_rows // tokens_per_image))
+        self.path.mkdir(parents=True, exist_ok=True)
+        receipts: list[dict | None] = [self._finished(s, a, b) for s, (a, b) in enumerate(plan)]
+        n_done = sum(b - a for (a, b), r in zip(plan, receipts, strict=True) if r is not None)
+        self._check_disk((n_images - n_done) * tokens_per_image, info.d_model)
+        if n_done:
+            log.info("resuming %s: %d of %d images already cached", self.path, n_done, n_images)
+
+        # Workers resize and crop; whole batches are normalised on the device.
+        dataset.transform = backbone.resize_crop
+        backbone.model.to(device)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        log.info(
+            "building activation cache %s (%d images, %d shards)", self.path, n_images, len(plan)
         )
-
-    backbone.model.to(device)
-    dataset.transform = backbone.preprocess
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    log.info("building activation cache %s (%d images, %d shards)", path, n_images, n_shards)
-    progress = tqdm(total=n_images, desc="caching", unit="img", dynamic_ncols=True)
-    t0 = time.perf_counter()
-    for s in range(n_shards):
-        first, last = s * images_per_shard, min(n_images, (s + 1) * images_per_shard)
-        shard_path, receipt_path = path / f"shard-{s:05d}.npy", path / f"shard-{s:05d}.json"
-        if receipt_path.exists() and shard_path.exists():
-            progress.update(last - first)  # finished by an earlier, interrupted build
-            continue
-        loader = DataLoader(
-            Subset(dataset, range(first, last)),
-            batch_size=req.batch_size,
-            num_workers=req.num_workers,
-            pin_memory=device.type == "cuda",
+        progress = tqdm(
+            total=n_images, initial=n_done, desc="caching", unit="img", dynamic_ncols=True
         )
-        chunks = []
-        for images, _ in loader:
-            with autocast:
-                acts = backbone.capture(images.to(device, non_blocking=True), [req.layer])[
-                    req.layer
-                ]
-            rows, _ = select_tokens(acts.float(), req.tokens, backbone.has_cls)
-            if not torch.isfinite(rows).all():
-                raise HsaeError(
-                    f"backbone {backbone.name} produced NaN/Inf activations at layer {req.layer} "
-                    f"for images {first}..{last}; check the checkpoint and the input images"
+        t0 = time.perf_counter()
+        try:
+            for s, (first, last) in enumerate(plan):
+                if receipts[s] is not None:
+                    continue
+                loader = DataLoader(
+                    Subset(dataset, range(first, last)),
+                    batch_size=req.batch_size,
+                    num_workers=req.num_workers,
+                    collate_fn=_collate,
+                    pin_memory=device.type == "cuda",
                 )
-            chunks.append(rows.to(_TORCH_DTYPES[req.dtype]).cpu())
-            progress.update(len(images))
-        shard = torch.cat(chunks)
-        array = (shard.view(torch.uint16) if req.dtype == "bfloat16" else shard).numpy()
-        _atomic_write_bytes(shard_path, lambda f, a=array: np.save(f, a))
-        _atomic_write_json(
-            receipt_path,
-            {"rows": len(array), "bytes": shard_path.stat().st_size, "sha256": _sha256(shard_path)},
+                chunks: list[torch.Tensor] = []
+                skipped: list[dict] = []
+                for images, _, failed in loader:
+                    skipped.extend(
+                        {"index": i, "file": e.file, "error": e.error} for i, e in failed
+                    )
+                    if images is not None:
+                        images = backbone.normalize(images.to(device, non_blocking=True))
+                        with autocast:
+                            acts = backbone.capture(images, [req.layer])
+                        rows, _ = backbone.select(acts[req.layer].float(), req.tokens)
+                        if not torch.isfinite(rows).all():
+                            raise HsaeError(
+                                f"backbone {backbone.name} produced NaN/Inf activations at layer "
+                                f"{req.layer} for images {first}..{last - 1}; check the "
+                                "checkpoint and the input images"
+                            )
+                        chunks.append(rows.to(_TORCH_DTYPES[req.dtype]).cpu())
+                    progress.update(len(failed) + (0 if images is None else len(images)))
+                shard = torch.cat(chunks) if chunks else torch.empty(0, info.d_model)
+                receipts[s] = self._write_shard(s, shard, first, last, skipped)
+        finally:
+            progress.close()
+            backbone.model.to("cpu")
+        skipped_all = [item for r in receipts if r is not None for item in r["skipped"]]
+        if len(skipped_all) == n_images:
+            raise HsaeError(
+                f"no image of {dataset.describe()['name']} could be read (first error: "
+                f"{skipped_all[0]['file']}: {skipped_all[0]['error']})"
+            )
+        if skipped_all:
+            log.warning(
+                "skipped %d unreadable images (listed in %s), e.g. %s: %s",
+                len(skipped_all),
+                self.path / MANIFEST,
+                skipped_all[0]["file"],
+                skipped_all[0]["error"],
+            )
+            bad = {item["index"] for item in skipped_all}
+            image_ids = np.asarray([i for i in range(n_images) if i not in bad], dtype=np.int64)
+        else:
+            image_ids = None
+        self._finish(
+            receipts,
+            labels_nl=dataset.labels_nl,
+            hierarchy=dataset.hierarchy,
+            n_images=n_images,
+            image_ids=image_ids,
+            image_names=[dataset.image_name(i) for i in range(n_images)]
+            if hasattr(dataset, "image_name")
+            else None,
+            d_model=info.d_model,
+            tokens_per_image=tokens_per_image,
+            token_index=token_index.tolist(),
+            skipped=skipped_all,
+            extra={"layer": {"name": info.name, "n_tokens": info.n_tokens}},
+            seconds=time.perf_counter() - t0,
         )
-    progress.close()
-    backbone.model.to("cpu")
 
-    shards = []
-    for s in range(n_shards):
-        receipt = json.loads((path / f"shard-{s:05d}.json").read_text())
-        shards.append({"file": f"shard-{s:05d}.npy", **receipt})
-    _atomic_write_bytes(path / "labels.npy", lambda f: np.save(f, dataset.labels_nl))
-    hierarchy: Hierarchy = dataset.hierarchy
-    manifest = {
-        "format": CACHE_FORMAT,
-        "spec": spec,
-        "n_rows": sum(sh["rows"] for sh in shards),
-        "d_model": info.d_model,
-        "dtype": req.dtype,
-        "tokens_per_image": tokens_per_image,
-        "token_index": token_index.tolist(),
-        "n_images": n_images,
-        "image_ids": None,  # None: every image of the dataset, in order
-        "label_levels": list(hierarchy.level_names),
-        "hierarchy": hierarchy.to_dict(),
-        "shards": shards,
-        "build_seconds": round(time.perf_counter() - t0, 3),
-    }
-    _atomic_write_json(path / MANIFEST, manifest)
-    log.info("cached %d rows in %.1fs", manifest["n_rows"], manifest["build_seconds"])
+    # -- rows of a user's array --
+
+    def build_from_array(self, source: ActivationArray) -> None:
+        plan = self._plan(len(source), self.req.shard_rows)
+        self.path.mkdir(parents=True, exist_ok=True)
+        receipts: list[dict | None] = [self._finished(s, a, b) for s, (a, b) in enumerate(plan)]
+        n_done = sum(b - a for (a, b), r in zip(plan, receipts, strict=True) if r is not None)
+        self._check_disk(len(source) - n_done, source.d_model)
+        progress = tqdm(
+            total=len(source), initial=n_done, desc="copying", unit="row", dynamic_ncols=True
+        )
+        t0 = time.perf_counter()
+        try:
+            for s, (first, last) in enumerate(plan):
+                if receipts[s] is not None:
+                    continue
+                rows = torch.from_numpy(source.read_rows(source.rows[first:last]))
+                if not torch.isfinite(rows).all():
+                    bad = int(source.rows[first + int((~torch.isfinite(rows)).any(1).nonzero()[0])])
+                    raise HsaeError(f"{source.file} has NaN/Inf values (row {bad})")
+                receipts[s] = self._write_shard(s, rows, first, last, [])
+                progress.update(last - first)
+        finally:
+            progress.close()
+        self._finish(
+            receipts,
+            labels_nl=source.labels_nl,
+            hierarchy=source.hierarchy,
+            n_images=source.n_source_rows,
+            image_ids=source.rows.astype(np.int64),
+            image_names=None,
+            d_model=source.d_model,
+            tokens_per_image=1,
+            token_index=[POOLED_TOKEN],
+            skipped=[],
+            extra={"source_file": str(source.file)},
+            seconds=time.perf_counter() - t0,
+        )
+
+    # -- the rest, manifest last --
+
+    def _finish(
+        self,
+        receipts: list[dict | None],
+        *,
+        labels_nl: np.ndarray,
+        hierarchy: Hierarchy,
+        n_images: int,
+        image_ids: np.ndarray | None,
+        image_names: list[str] | None,
+        d_model: int,
+        tokens_per_image: int,
+        token_index: list[int],
+        skipped: list[dict],
+        extra: dict,
+        seconds: float,
+    ) -> None:
+        shards = []
+        for s, receipt in enumerate(receipts):
+            assert receipt is not None
+            shards.append(
+                {
+                    "file": self._shard_paths(s)[0].name,
+                    **{k: receipt[k] for k in ("rows", "bytes", "sha256")},
+                    "first_image": receipt["first_image"],
+                    "last_image": receipt["last_image"],
+                }
+            )
+        _save_npy(self.path / LABELS, np.asarray(labels_nl, dtype=np.int64))
+        if image_ids is not None:
+            _save_npy(self.path / IMAGE_IDS, image_ids)
+        if image_names is not None:
+            text = "".join(f"{name}\n" for name in image_names)
+            _atomic_write_bytes(self.path / IMAGE_NAMES, lambda f: f.write(text.encode()))
+        n_kept = n_images if image_ids is None else len(image_ids)
+        manifest = {
+            "format": CACHE_FORMAT,
+            "key": spec_key(self.spec),
+            "spec": self.spec,
+            "hsae_version": hsae.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "n_rows": sum(sh["rows"] for sh in shards),
+            "d_model": d_model,
+            "dtype": self.req.dtype,
+            "tokens_per_image": tokens_per_image,
+            "token_index": token_index,
+            "n_images": n_images,
+            "n_cached_images": n_kept,
+            "image_ids": IMAGE_IDS if image_ids is not None else None,
+            "image_names": IMAGE_NAMES if image_names is not None else None,
+            "n_skipped": len(skipped),
+            "skipped": skipped,
+            "label_levels": list(hierarchy.level_names),
+            "hierarchy": hierarchy.to_dict(),
+            "shards": shards,
+            "build_seconds": round(seconds, 3),
+            **extra,
+        }
+        _atomic_write_json(self.path / MANIFEST, manifest)
+        # Left by an interrupted build: shards of an earlier layout (another shard_rows) and
+        # half-written temporary files. Only the lock holder writes here, so none is live.
+        listed = {sh["file"] for sh in shards} | {Path(sh["file"]).stem + ".json" for sh in shards}
+        for stale in [*self.path.glob("shard-*"), *self.path.glob(".*.tmp-*")]:
+            if stale.name not in listed:
+                stale.unlink(missing_ok=True)
+        log.info("cached %d rows in %.1fs at %s", manifest["n_rows"], seconds, self.path)
+
+
+# ---- reading -------------------------------------------------------------------------
 
 
 class ActivationCache:
     """Read access to a finished cache; rows come back as float32 tensors."""
 
-    def __init__(self, path: Path, manifest: dict, shards: list[np.ndarray], labels_nl: np.ndarray):
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict,
+        shards: list[np.ndarray],
+        labels_nl: np.ndarray,
+        image_ids: np.ndarray | None,
+    ):
         self.path = path
         self.manifest = manifest
         self._shards = shards
         self._offsets = np.cumsum([0] + [len(s) for s in shards])
         self.labels_nl = labels_nl
+        self.image_ids = image_ids  # dataset index of each cached image; None: all, in order
         self.hierarchy = Hierarchy.from_dict(manifest["hierarchy"])
+        self._token_index = np.asarray(manifest["token_index"])
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> ActivationCache:
-        """Open and check a cache: every shard present with its recorded size (and checksum
-        when ``verify``)."""
+        """Open and check a cache: every shard present with its recorded size and shape, and
+        its checksum when ``verify``."""
         path = Path(path)
-        rebuild = f"delete {path} and rerun to rebuild it"
         manifest_path = path / MANIFEST
         if not manifest_path.exists():
             raise HsaeError(
                 f"no activation cache at {path} (missing {MANIFEST}); rerun train.py to build it"
             )
+        rebuild_all = f"delete {path} and rerun train.py to rebuild it"
         try:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as e:
-            raise HsaeError(f"{manifest_path} is not valid JSON ({e}); {rebuild}") from e
+            raise HsaeError(f"{manifest_path} is not valid JSON ({e}); {rebuild_all}") from e
         if manifest.get("format") != CACHE_FORMAT:
             raise HsaeError(
-                f"{path} has cache format {manifest.get('format')}, expected {CACHE_FORMAT}; {rebuild}"
+                f"{path} has cache format {manifest.get('format')}, this hsae reads "
+                f"{CACHE_FORMAT}; {rebuild_all}"
+            )
+        if not path.name.endswith(manifest["key"]):
+            raise HsaeError(
+                f"{path} holds the cache with key {manifest['key']} (its folder was renamed or "
+                f"copied over); {rebuild_all}"
             )
         shards = []
         for shard in manifest["shards"]:
             file = path / shard["file"]
+            # The receipts stay beside the shards, so a rebuild redoes only the deleted shard.
+            rebuild = (
+                f"delete {file} and {manifest_path}, then rerun train.py with the same config: "
+                f"that shard is rebuilt and the others are reused (or delete all of {path})"
+            )
             if not file.exists():
                 raise HsaeError(f"activation cache shard {file} is missing; {rebuild}")
             if file.stat().st_size != shard["bytes"]:
@@ -250,7 +551,10 @@ class ActivationCache:
                     f"says {shard['bytes']} (truncated or overwritten); {rebuild}"
                 )
             if verify and _sha256(file) != shard["sha256"]:
-                raise HsaeError(f"activation cache shard {file} fails its checksum; {rebuild}")
+                raise HsaeError(
+                    f"activation cache shard {file} fails its checksum (the file changed after "
+                    f"it was written: disk or copy error); {rebuild}"
+                )
             try:
                 array = np.load(file, mmap_mode="r")
             except ValueError as e:
@@ -263,8 +567,9 @@ class ActivationCache:
                     f"({shard['rows']}, {manifest['d_model']}); {rebuild}"
                 )
             shards.append(array)
-        labels_nl = np.load(path / "labels.npy")
-        return cls(path, manifest, shards, labels_nl)
+        labels_nl = np.load(path / LABELS)
+        image_ids = np.load(path / IMAGE_IDS) if manifest["image_ids"] else None
+        return cls(path, manifest, shards, labels_nl, image_ids)
 
     @property
     def n_rows(self) -> int:
@@ -274,11 +579,19 @@ class ActivationCache:
     def d_model(self) -> int:
         return int(self.manifest["d_model"])
 
-    def _to_float(self, array: np.ndarray) -> torch.Tensor:
+    @property
+    def shards(self) -> list[np.ndarray]:
+        """The memory-mapped shards as stored (bfloat16 as uint16)."""
+        return self._shards
+
+    def to_float(self, array: np.ndarray) -> torch.Tensor:
+        """Stored rows (a shard or a slice of one) -> a float32 tensor."""
         tensor = torch.from_numpy(np.array(array))  # a writable copy, out of the memory map
         if self.manifest["dtype"] == "bfloat16":
             tensor = tensor.view(torch.bfloat16)
         return tensor.float()
+
+    _to_float = to_float
 
     def read(self, rows: np.ndarray) -> torch.Tensor:
         """Rows ``[len(rows), d]`` in the given order."""
@@ -289,14 +602,14 @@ class ActivationCache:
         which = np.searchsorted(self._offsets, sorted_rows, side="right") - 1
         for s in np.unique(which):
             sel = which == s
-            out[torch.from_numpy(order[sel])] = self._to_float(
+            out[torch.from_numpy(order[sel])] = self.to_float(
                 self._shards[s][sorted_rows[sel] - self._offsets[s]]
             )
         return out
 
     def load_all(self) -> torch.Tensor:
         return (
-            torch.cat([self._to_float(s) for s in self._shards])
+            torch.cat([self.to_float(s) for s in self._shards])
             if self._shards
             else torch.empty(0, self.d_model)
         )
@@ -304,15 +617,18 @@ class ActivationCache:
     def row_image(self, rows: np.ndarray) -> np.ndarray:
         """Dataset image index of each row."""
         image = np.asarray(rows) // self.manifest["tokens_per_image"]
-        ids = self.manifest["image_ids"]
-        return image if ids is None else np.asarray(ids)[image]
+        return image if self.image_ids is None else self.image_ids[image]
 
     def row_token(self, rows: np.ndarray) -> np.ndarray:
-        """Token index of each row inside its image (-1: mean-pooled)."""
-        return np.asarray(self.manifest["token_index"])[
-            np.asarray(rows) % self.manifest["tokens_per_image"]
-        ]
+        """Token index of each row inside its image (-1: mean-pooled or unknown)."""
+        return self._token_index[np.asarray(rows) % self.manifest["tokens_per_image"]]
 
     def row_labels(self, rows: np.ndarray) -> np.ndarray:
         """``[len(rows), n_levels]`` labels of each row's image."""
         return self.labels_nl[self.row_image(rows)]
+
+    def image_names(self) -> list[str] | None:
+        """Name (file path inside the dataset) of every dataset image, by dataset index."""
+        if not self.manifest.get("image_names"):
+            return None
+        return (self.path / self.manifest["image_names"]).read_text().splitlines()

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hsae.backbones.base import Backbone, LayerInfo
+from hsae.backbones.base import Backbone, Preprocess
 from hsae.errors import HsaeError
 
 log = logging.getLogger(__name__)
@@ -57,66 +57,105 @@ def _create_model(model_name: str, pretrained: str | None, init_seed: int) -> nn
         ) from e
 
 
+_CLIP_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+_CLIP_TOP = {
+    "conv1.weight": "embeddings.patch_embedding.weight",
+    "class_embedding": "embeddings.class_embedding",
+    "positional_embedding": "embeddings.position_embedding.weight",
+    "ln_pre.weight": "pre_layrnorm.weight",
+    "ln_pre.bias": "pre_layrnorm.bias",
+    "ln_post.weight": "post_layernorm.weight",
+    "ln_post.bias": "post_layernorm.bias",
+}
+
+
+def clip_canonical(visual_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """An open_clip CLIP ViT tower's tensors under Hugging Face ``CLIPVisionModel`` names
+    and layout (fused q/k/v split in three; the output projection left out, as
+    ``CLIPVisionModel`` has none), so that the same weights loaded by either library have
+    one fingerprint. None when the tower has tensors a standard CLIP ViT lacks."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in visual_state.items():
+        if key == "proj":
+            continue
+        if key in _CLIP_TOP:
+            name = _CLIP_TOP[key]
+            # open_clip keeps the position embedding as [tokens, d] like HF; conv1 matches.
+            out[name] = tensor
+            continue
+        if not key.startswith("transformer.resblocks."):
+            return None
+        i, rest = key.removeprefix("transformer.resblocks.").split(".", 1)
+        prefix = f"encoder.layers.{i}."
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = rest.rsplit("_", 1)[1]
+            for part, chunk in zip(("q", "k", "v"), tensor.chunk(3), strict=True):
+                out[f"{prefix}self_attn.{part}_proj.{kind}"] = chunk
+            continue
+        module, _, leaf = rest.rpartition(".")
+        if module not in _CLIP_BLOCK:
+            return None
+        out[f"{prefix}{_CLIP_BLOCK[module]}.{leaf}"] = tensor
+    return out
+
+
 class OpenClipBackbone(Backbone):
     def __init__(self, name: str, model_name: str, pretrained: str | None, init_seed: int = 0):
         self.name = name
         self.model = _create_model(model_name, pretrained, init_seed).eval()
         self.model.requires_grad_(False)
-        visual = self.model.visual
+        visual = self.visual
         if not hasattr(visual, "transformer"):
             raise HsaeError(
                 f"backbone.model_name={model_name!r} has no ViT image tower (e.g. a ResNet or "
                 "ConvNeXt CLIP); hsae's open_clip adapter hooks ViT blocks"
             )
         self.has_cls = getattr(visual, "class_embedding", None) is not None
+        self.n_prefix_tokens = int(self.has_cls)
         cfg = visual.preprocess_cfg
-        self.image_size = (
-            tuple(cfg["size"])
-            if isinstance(cfg["size"], (tuple, list))
-            else (
-                cfg["size"],
-                cfg["size"],
+        size = cfg["size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        resize_mode = cfg.get("resize_mode", "shortest")
+        if resize_mode not in ("shortest", "squash"):
+            raise HsaeError(
+                f"open_clip {model_name} uses resize_mode={resize_mode!r}; hsae supports "
+                "shortest and squash"
             )
+        # open_clip's eval transform: shorter side to the input size, centre crop, normalise.
+        self.pre = Preprocess(
+            size=size,
+            resize=(max(size),) if resize_mode == "shortest" else size,
+            resize_mode=resize_mode,
+            interpolation=cfg.get("interpolation", "bicubic"),
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
         )
-        self.mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
-        self.std = torch.tensor(cfg["std"]).view(3, 1, 1)
 
-    def image_tower(self) -> nn.Module:
+    @property
+    def visual(self) -> Any:  # open_clip's VisionTransformer (typed loosely by nn.Module)
         return self.model.visual
 
-    def _hook_modules(self) -> list[nn.Module]:
-        return list(self.model.visual.transformer.resblocks)
+    def image_tower(self) -> nn.Module:
+        return self.visual
 
-    def layers(self) -> list[LayerInfo]:
-        visual = self.model.visual
-        n_tokens = visual.grid_size[0] * visual.grid_size[1] + int(self.has_cls)
+    def _fingerprint_tensors(self) -> dict[str, torch.Tensor]:
+        state = self.visual.state_dict()
+        return clip_canonical(state) or state
+
+    def _named_layers(self) -> list[tuple[str, nn.Module]]:
         return [
-            LayerInfo(f"visual.transformer.resblocks.{i}", i, n_tokens, visual.transformer.width)
-            for i in range(len(visual.transformer.resblocks))
+            (f"visual.transformer.resblocks.{i}", block)
+            for i, block in enumerate(self.visual.transformer.resblocks)
         ]
 
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        # open_clip's own transform expects PIL images; this is its tensor equivalent:
-        # resize the shorter side (bicubic), centre crop, normalise.
-        h, w = self.image_size
-        if tuple(image.shape[-2:]) != (h, w):
-            scale = max(h / image.shape[-2], w / image.shape[-1])
-            size = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
-            image = F.interpolate(image[None], size=size, mode="bicubic", antialias=True)[0]
-            top, left = (size[0] - h) // 2, (size[1] - w) // 2
-            image = image[:, top : top + h, left : left + w].clamp(0, 1)
-        return (image - self.mean) / self.std
-
-    def preprocess_spec(self) -> dict:
-        return {
-            "size": list(self.image_size),
-            "mean": self.mean.flatten().tolist(),
-            "std": self.std.flatten().tolist(),
-            "resize": "shortest-bicubic-centre-crop",
-        }
-
     def _run(self, images: torch.Tensor) -> None:
-        self.model.visual(images)
+        self.visual(images)
 
-    def _to_batch_first(self, acts: torch.Tensor) -> torch.Tensor:
-        return acts if self.model.visual.transformer.batch_first else acts.transpose(0, 1)
+    def _to_tokens(self, acts: torch.Tensor) -> torch.Tensor:
+        return acts if self.visual.transformer.batch_first else acts.transpose(0, 1)

@@ -103,6 +103,9 @@ class SyntheticShapes(Dataset):
             "version": 1,
         }
 
+    def image_name(self, i: int) -> str:
+        return f"synthetic/{self.split}/{i}"
+
     def render(self, i: int) -> torch.Tensor:
         s = self.image_size
         ys, xs = np.meshgrid(np.linspace(0, 1, s), np.linspace(0, 1, s), indexing="ij")
