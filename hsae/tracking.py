@@ -10,9 +10,11 @@ the run's local files (metrics.json, sae.safetensors) are written all the same.
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import netrc
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,12 @@ def log_summary(logger: Logger, metrics: dict[str, float]) -> None:
             logger.experiment.summary.update(metrics)
 
 
+def artifact_name(text: str) -> str:
+    """W&B artifact names take letters, digits, ``-``, ``_`` and ``.`` only (run names,
+    made of overrides like ``sae.k=8,expansion=16``, may hold more)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:128]
+
+
 def log_artifacts(logger: Logger, run_dir: Path, cache_dirs: dict[str, Path], name: str) -> None:
     """The SAE as an artifact, the caches' manifests as references: the run's lineage."""
     if not isinstance(logger, WandbLogger):
@@ -116,7 +124,7 @@ def log_artifacts(logger: Logger, run_dir: Path, cache_dirs: dict[str, Path], na
     import wandb
 
     with wandb_guard("log the SAE artifact"):
-        artifact = wandb.Artifact(name=f"sae-{name}", type="sae")
+        artifact = wandb.Artifact(name=artifact_name(f"sae-{name}"), type="sae")
         artifact.add_file(str(run_dir / "sae.safetensors"))
         artifact.add_file(str(run_dir / "cfg.json"))
         logger.experiment.log_artifact(artifact)
@@ -127,6 +135,26 @@ def log_artifacts(logger: Logger, run_dir: Path, cache_dirs: dict[str, Path], na
             run = logger.experiment
             # An input of this run; offline runs cannot "use" artifacts, so they log it.
             (run.log_artifact if run.settings.mode == "offline" else run.use_artifact)(ref)
+
+
+def replay_metrics(logger: Logger, csv_path: Path, prefix: str) -> None:
+    """Log the curves of the ``prefix`` columns of a Lightning CSV metrics file, renamed
+    without the prefix, at their steps: a bank member's ``<name>/train/loss`` becomes its
+    own W&B run's ``train/loss``, exactly as a single run logs it."""
+    if not isinstance(logger, WandbLogger):
+        return
+    with wandb_guard("replay the training curves"), open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            metrics = {
+                key.removeprefix(prefix): float(value)
+                for key, value in row.items()
+                if key.startswith(prefix) and value != ""
+            }
+            if not metrics:
+                continue
+            if row.get("epoch"):
+                metrics["epoch"] = int(float(row["epoch"]))
+            logger.log_metrics(metrics, step=int(row["step"]))
 
 
 def finish(logger: Logger) -> None:
@@ -140,5 +168,8 @@ def finish(logger: Logger) -> None:
         offline = run.settings.mode == "offline"
         run_path = Path(run.dir).parent if run.dir else None
         wandb.finish()
+        # End the W&B session too: the next run in this process (a bank member, a multirun
+        # job) then reads its own WANDB_* folders instead of keeping this run's.
+        wandb.teardown()
         if offline and run_path is not None:
             log.info("W&B run saved offline; upload it with: wandb sync %s", run_path)

@@ -11,8 +11,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from torch import nn
 from torchvision.utils import make_grid
 
+from hsae.cache import ActivationCache
 from hsae.latents import collect_latent_stats, highlight_patch
 from hsae.tracking import wandb_guard
 
@@ -20,6 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class LatentReport(L.Callback):
+    """Logs the report into the job's W&B run when fitting ends. A bank's job logs to CSV
+    (each member gets its own W&B run after training), so there ``hsae.training.run`` calls
+    ``log_to`` once per member, into that member's run, and the callback is not used."""
+
     def __init__(
         self,
         load_image: Callable[[int], torch.Tensor],
@@ -34,17 +40,20 @@ class LatentReport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not (trainer.is_global_zero and isinstance(trainer.logger, WandbLogger)):
             return
-        with wandb_guard("log the latent report"):
-            self._report(trainer, pl_module)
+        cache = trainer.datamodule.val_rows.cache  # type: ignore[attr-defined]
+        self.log_to(trainer.logger, pl_module.sae, cache, pl_module.device)
 
-    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def log_to(
+        self, logger: WandbLogger, sae: nn.Module, cache: ActivationCache, device: torch.device
+    ) -> None:
+        """The report of ``sae`` over ``cache`` into ``logger``'s W&B run (failures warn)."""
+        with wandb_guard("log the latent report"):
+            self._report(logger.experiment, sae, cache, device)
+
+    def _report(self, run, sae: nn.Module, cache: ActivationCache, device: torch.device) -> None:
         import wandb
 
-        cache = trainer.datamodule.val_rows.cache  # type: ignore[attr-defined]
-        stats = collect_latent_stats(
-            pl_module.sae, cache, top_n=self.top_n, device=pl_module.device
-        )
-        run = trainer.logger.experiment  # type: ignore[union-attr]
+        stats = collect_latent_stats(sae, cache, top_n=self.top_n, device=device)
         log10_density = torch.log10(stats.frequency_k.clamp_min(1e-7)).numpy()
         run.log({"latents/log10_density": wandb.Histogram(log10_density)})
 

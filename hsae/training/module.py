@@ -1,16 +1,25 @@
-"""The ``LightningModule`` that trains one SAE: optimisation, logging, validation metrics."""
+"""The ``LightningModule`` that trains SAEs: optimisation, logging, validation metrics.
+
+It holds a bank of SAEs trained on the same batches (a single run is a bank of one). Each
+member has its own parameters, optimiser state, learning rate, random stream and metrics,
+so it ends exactly where the same config trained alone with the same seed ends; what the
+members share is the data pass and the per-step overhead (docs/training.md).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from hsae.errors import HsaeError
 from hsae.metrics import make_sae_metrics
-from hsae.sae import make_sae
+from hsae.sae import SparseAutoencoder, make_sae
 
 
 def default_lr(n_latents: int) -> float:
@@ -18,53 +27,176 @@ def default_lr(n_latents: int) -> float:
     return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
+def _single_sae_key(key: str) -> str:
+    for old, new in (("sae.", "saes.0."), ("val_metrics.", "val_metrics.0.")):
+        if key.startswith(old):
+            return new + key.removeprefix(old)
+    return key
+
+
 class SAEModule(L.LightningModule):
+    """Trains ``sae`` (one SAE, logged as ``train/loss``, ``val/fvu``, ...) or ``bank``
+    (entries ``{"name", "sae", "lr"}``, logged as ``<name>/train/loss``, ...).
+
+    With ``seed`` set, every member is built right after ``torch.manual_seed(seed)`` (in a
+    forked RNG, so the caller's stream is untouched), and draws its training-time random
+    numbers (Matryoshka's random prefixes) from a CPU generator of its own: a member's
+    weights then depend on its own config only, not on its place in the bank or on its
+    neighbours, and equal those of a single run of that config with the same seed.
+    """
+
     def __init__(
         self,
-        sae: dict[str, Any],
+        sae: dict[str, Any] | None = None,
         lr: float | None = None,
         warmup_steps: int = 50,
         decay_fraction: float = 0.2,
+        bank: list[dict[str, Any]] | None = None,
+        seed: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the flat run config is logged instead
-        self.sae = make_sae(**sae)
-        self.lr = lr if lr is not None else default_lr(sae["n_latents"])
-        self.val_metrics = make_sae_metrics(sae["d_model"], sae["n_latents"], prefix="val/")
+        if (sae is None) == (bank is None):
+            raise ValueError("pass exactly one of sae (one SAE) or bank (a list of members)")
+        members = [{"name": None, "sae": sae, "lr": lr}] if bank is None else bank
+        self.names: list[str | None] = [m["name"] for m in members]
+        if bank is not None and (None in self.names or len(set(self.names)) < len(self.names)):
+            raise ValueError(f"bank members need distinct names; got {self.names}")
+        saes, self._rng_states = [], []
+        for member in members:
+            # Without a seed, members are built one after another from the caller's stream.
+            forked = (
+                torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+            )
+            with forked:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                saes.append(make_sae(**member["sae"]))
+                self._rng_states.append(torch.get_rng_state())
+        self.saes = nn.ModuleList(saes)
+        self.lrs = [
+            m["lr"] if m["lr"] is not None else default_lr(m["sae"]["n_latents"]) for m in members
+        ]
+        self.val_metrics = nn.ModuleList(
+            make_sae_metrics(s.d_model, s.n_latents, prefix=f"{self.metric_prefix(i)}val/")
+            for i, s in enumerate(saes)
+        )
 
-    def forward(self, x: torch.Tensor):
-        return self.sae(x)
+    @property
+    def sae(self) -> SparseAutoencoder:
+        """The SAE of a single run (a bank of one)."""
+        if len(self.saes) != 1:
+            raise TypeError(f"this module trains a bank of {len(self.saes)} SAEs; use .saes[i]")
+        return self.saes[0]  # type: ignore[return-value]
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of a single run."""
+        (lr,) = self.lrs
+        return lr
+
+    def metric_prefix(self, i: int) -> str:
+        """``""`` for a single run, ``"<member name>/"`` for a bank member."""
+        return "" if self.names[i] is None else f"{self.names[i]}/"
+
+    @contextlib.contextmanager
+    def _member_rng(self, i: int) -> Iterator[None]:
+        # The SAEs draw from the global CPU generator (torch.rand without a device); swap in
+        # this member's state so members never consume each other's random numbers.
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self._rng_states[i])
+        try:
+            yield
+        finally:
+            self._rng_states[i] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    def forward(self, x: torch.Tensor) -> list:
+        """Each member's ``ForwardOutput`` for ``x``, in bank order."""
+        return [sae(x) for sae in self.saes]
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        if hasattr(self.sae, "set_progress"):  # sparsity-coefficient warm-up
-            self.sae.set_progress(self.global_step, int(self.trainer.estimated_stepping_batches))
-        out = self.sae(batch)
-        if not torch.isfinite(out.loss):
-            raise HsaeError(
-                f"training loss is {out.loss.item()} at step {self.global_step}: the learning rate "
-                f"may be too high (optim.lr={self.lr:.3g}) or the cache holds NaN/Inf rows; nothing "
-                "was saved over the last good checkpoint"
+        outputs = []
+        for i, sae in enumerate(self.saes):
+            if hasattr(sae, "set_progress"):  # sparsity-coefficient warm-up
+                sae.set_progress(self.global_step, int(self.trainer.estimated_stepping_batches))
+            with self._member_rng(i):
+                outputs.append(sae(batch))
+        # The members' parameters are disjoint, so the gradient of the sum is, bit for bit,
+        # each member's own gradient (d total / d loss_i = 1).
+        total = outputs[0].loss
+        for out in outputs[1:]:
+            total = total + out.loss
+        if not torch.isfinite(total):  # one host sync per step, whatever the bank size
+            raise HsaeError(self._not_finite_message([out.loss for out in outputs]))
+        lrs = self.lr_schedulers().get_last_lr()  # type: ignore[union-attr]
+        for i, out in enumerate(outputs):
+            prefix = self.metric_prefix(i)
+            self.log(f"{prefix}train/loss", out.loss, prog_bar=len(self.saes) == 1)
+            self.log(f"{prefix}train/l0", (out.codes != 0).sum(dim=-1).float().mean())
+            self.log(f"{prefix}lr", lrs[i])
+        return total
+
+    def _not_finite_message(self, losses: list[torch.Tensor]) -> str:
+        bad = [i for i, loss in enumerate(losses) if not torch.isfinite(loss)]
+        step = self.global_step
+        rest = "or the cache holds NaN/Inf rows; nothing was saved over the last good checkpoint"
+        if self.names[0] is None:
+            return (
+                f"training loss is {losses[0].item()} at step {step}: the learning rate "
+                f"may be too high (optim.lr={self.lrs[0]:.3g}) {rest}"
             )
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log("train/l0", (out.codes != 0).sum(dim=-1).float().mean())
-        self.log("lr", self.lr_schedulers().get_last_lr()[0])  # type: ignore[union-attr]
-        return out.loss
+        if not bad:  # every member finite, their sum not: the losses themselves are huge
+            values = ", ".join(
+                f"{n}={loss.item():.3g}" for n, loss in zip(self.names, losses, strict=True)
+            )
+            return f"the bank's summed training loss overflowed at step {step} ({values}) {rest}"
+        i = bad[0]
+        others = f" (also: {', '.join(str(self.names[j]) for j in bad[1:])})" if bad[1:] else ""
+        return (
+            f"training loss of bank member {self.names[i]} is {losses[i].item()} at step "
+            f"{step}{others}: its learning rate may be too high (lr={self.lrs[i]:.3g}; set "
+            f"the entry's lr, or optim.lr for all) {rest}"
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if hasattr(self.sae, "remove_parallel_grad"):
-            self.sae.remove_parallel_grad()
+        for sae in self.saes:
+            if hasattr(sae, "remove_parallel_grad"):
+                sae.remove_parallel_grad()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if hasattr(self.sae, "normalize_decoder"):
-            self.sae.normalize_decoder()
+        for sae in self.saes:
+            if hasattr(sae, "normalize_decoder"):
+                sae.normalize_decoder()
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        out = self.sae(batch)
-        self.val_metrics.update(batch, out.x_hat, out.codes)
-        self.log_dict(self.val_metrics, on_step=False, on_epoch=True)
+        for sae, metrics in zip(self.saes, self.val_metrics, strict=True):
+            out = sae(batch)
+            metrics.update(batch, out.x_hat, out.codes)
+            self.log_dict(metrics, on_step=False, on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming continues each member's random stream where it stopped.
+        checkpoint["sae_rng_states"] = [state.clone() for state in self._rng_states]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        if len(self.saes) == 1 and any(key.startswith("sae.") for key in state):
+            # A checkpoint from before banks (one SAE at `sae.`, its metrics at `val_metrics.`).
+            checkpoint["state_dict"] = {_single_sae_key(key): value for key, value in state.items()}
+        if "sae_rng_states" in checkpoint:
+            self._rng_states = [s.clone() for s in checkpoint["sae_rng_states"]]
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr)
+        # One Adam, one parameter group per member: Adam's update is per parameter (its
+        # moments, step count and bias correction are per tensor) and a group only carries
+        # a learning rate, so this is exactly one Adam per member, with per-member lrs.
+        optimizer = torch.optim.Adam(
+            [
+                {"params": list(sae.parameters()), "lr": lr}
+                for sae, lr in zip(self.saes, self.lrs, strict=True)
+            ]
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, self.hparams.warmup_steps)
         decay_start = int(total * (1 - self.hparams.decay_fraction))

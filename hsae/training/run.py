@@ -3,13 +3,18 @@
 Run dir contents: ``sae.safetensors``, ``cfg.json`` (rebuilds the SAE and finds its caches
 without Hydra), ``metrics.json`` (final validation metrics), ``checkpoints/`` (Lightning,
 for resuming), and the W&B or CSV logs.
+
+A bank job (``bank=[...]``) trains its SAEs together and gives each member that same run
+dir, with its own W&B run, under ``bank/<i>_<entry>/`` (e.g. ``bank/1_k-8_expansion-16/``);
+the job dir holds ``bank.json`` (members, their dirs and metrics), the one checkpoint of the
+whole bank, and the CSV logs of all members.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torchvision.transforms.functional import to_tensor
 
@@ -27,7 +33,8 @@ from hsae.config import RunConfig, flatten, to_objects
 from hsae.data import make_dataset
 from hsae.errors import HsaeError
 from hsae.sae import sae_kwargs, save_sae
-from hsae.tracking import finish, log_artifacts, log_summary, make_logger
+from hsae.tracking import finish, log_artifacts, log_summary, make_logger, replay_metrics
+from hsae.training.bank import Member, make_members
 from hsae.training.callbacks import LatentReport
 from hsae.training.data import CacheDataModule
 from hsae.training.module import SAEModule
@@ -77,8 +84,9 @@ def finished_metrics(run_dir: Path, resolved: dict) -> dict[str, float] | None:
         return None
     stored = json.loads((run_dir / "cfg.json").read_text())["config"]
     old, new = _what_it_computes(stored), _what_it_computes(resolved)
-    if old != new:
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    # A key missing on one side equals null (cfg.json written before `bank` existed).
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
         raise HsaeError(
             f"{run_dir} holds a finished run with a different config ({', '.join(changed[:5])}); "
             "choose another hydra.run.dir / hydra.sweep.dir, or set skip_finished=false to retrain"
@@ -108,30 +116,133 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def _member_metrics(final: dict[str, float], prefix: str) -> dict[str, float]:
+    start = f"{prefix}val/"
+    return {k.removeprefix(start): float(v) for k, v in final.items() if k.startswith(start)}
+
+
+def _write_run_files(
+    run_dir: Path,
+    sae: torch.nn.Module,
+    lr: float,
+    cfg: RunConfig,
+    resolved: dict,
+    caches: dict[str, Path],
+    metrics: dict[str, float],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """``sae.safetensors``, ``cfg.json``, then ``metrics.json``: its presence marks the run
+    finished (``skip_finished``), so it is written last."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_sae(sae, run_dir)
+    _write_json(
+        run_dir / "cfg.json",
+        {
+            "hsae_version": hsae.__version__,
+            "sae": sae.config() | {"lr": lr},
+            "cache": {split: str(path) for split, path in caches.items()},
+            "backbone": asdict(cfg.backbone),
+            "dataset": asdict(cfg.dataset),
+            "seed": cfg.seed,
+            "config": resolved,
+        }
+        | (extra or {}),
+    )
+    _write_json(run_dir / "metrics.json", metrics)
+
+
+def _bank_listing(run_dir: Path, members: list[Member], lrs: list[float] | None = None) -> list:
+    return [
+        {
+            "index": m.index,
+            "label": m.label,
+            "entry": m.entry,
+            "dir": str(m.run_dir.relative_to(run_dir)),
+            "lr": None if lrs is None else lrs[m.index],
+        }
+        for m in members
+    ]
+
+
+def _check_resumable_bank(run_dir: Path, resolved: dict, members: list[Member]) -> None:
+    """A checkpoint holds one bank: resuming it with other entries is an error, not a
+    state-dict mismatch deep in Lightning. Records the bank being trained in ``bank.json``."""
+    path = run_dir / "bank.json"
+    if (run_dir / "checkpoints" / "last.ckpt").exists() and path.exists():
+        stored = _what_it_computes(json.loads(path.read_text())["config"])
+        new = _what_it_computes(resolved)
+        changed = sorted(k for k in stored.keys() | new.keys() if stored.get(k) != new.get(k))
+        if changed:
+            raise HsaeError(
+                f"{run_dir} holds the checkpoint of a bank with another config "
+                f"({', '.join(changed[:5])}); choose another hydra.run.dir / hydra.sweep.dir, "
+                "or delete its checkpoints/ to start over"
+            )
+    _write_json(path, {"config": resolved, "members": _bank_listing(run_dir, members)})
+
+
+def _member_wandb_run(
+    cfg: RunConfig,
+    member: Member,
+    sae: torch.nn.Module,
+    lr: float,
+    metrics: dict[str, float],
+    caches: dict[str, Path],
+    csv_path: Path,
+    report: LatentReport,
+    val_cache: ActivationCache,
+    name: str,
+    group: str,
+    device: torch.device,
+) -> None:
+    """The member's own W&B run, as a single run of its config would have it: flat config,
+    curves (replayed from the job's CSV under the single-run keys), summary, latent report,
+    SAE artifact. Its files go in the member's dir. W&B failures only warn."""
+    config_flat = flatten(member.resolved) | {"sae.lr": lr, "hsae.version": hsae.__version__}
+    tags = [cfg.backbone.name, f"layer{cfg.backbone.layer}", member.sae.arch, cfg.dataset.name]
+    logger = make_logger(cfg.logger, member.run_dir, config_flat, name, tags, group=group)
+    replay_metrics(logger, csv_path, prefix=f"{member.name}/")
+    log_summary(logger, metrics)
+    if isinstance(logger, WandbLogger):
+        report.log_to(logger, sae, val_cache, device)
+    log_artifacts(logger, member.run_dir, caches, name)
+    finish(logger)
+
+
 def train(
     cfg_dict: DictConfig, run_dir: str | Path, name: str | None = None, group: str | None = None
-) -> dict[str, float]:
-    """Run one job; returns the final validation metrics (also in ``metrics.json``).
+) -> dict[str, float] | list[dict[str, float]]:
+    """Run one job; returns the final validation metrics (also in ``metrics.json``), or for
+    a bank (``bank=[...]``) each member's, in bank order (``train.py`` hands a sweeper the
+    best member's objective).
 
     ``name`` (default: from the config) and ``group`` (default: ``logger.group``) label
-    the W&B run; a multirun passes its overrides and sweep folder.
+    the W&B run; a multirun passes its overrides and sweep folder. A bank member's run is
+    named ``<name>,<entry label>`` (or ``<backbone>-l<layer>-<entry label>``), and without
+    a group the members share one named after the job's dir.
     """
     cfg: RunConfig = to_objects(cfg_dict, RunConfig)
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg_dict, resolve=True)
     assert isinstance(resolved, dict)
-    if cfg.skip_finished and (done := finished_metrics(run_dir, resolved)) is not None:
-        log.info(
-            "skipping %s: it already holds final metrics (skip_finished=false retrains)", run_dir
-        )
-        return done
+    is_bank = cfg.bank is not None
+    members = make_members(cfg, resolved, run_dir)  # a bad bank entry fails before any work
+    if cfg.skip_finished:
+        done = [finished_metrics(m.run_dir, m.resolved) for m in members]
+        if all(metrics is not None for metrics in done):
+            log.info(
+                "skipping %s: it already holds final metrics (skip_finished=false retrains)",
+                run_dir,
+            )
+            return done if is_bank else done[0]  # type: ignore[return-value]
+    if is_bank:
+        _check_resumable_bank(run_dir, resolved, members)
     caches = build_caches(cfg)
     # Seed after caching: building a cache draws from the global RNG, and a run must start
     # the same whether its caches were built now or reused.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    sae_cfg = sae_kwargs(cfg.sae, cfg.backbone.d_model)
     datamodule = CacheDataModule(
         caches["train"],
         caches["val"],
@@ -140,26 +251,43 @@ def train(
         num_workers=cfg.optim.num_workers,
         seed=cfg.seed,
     )
-    module = SAEModule(
-        sae=sae_cfg,
-        lr=cfg.optim.lr,
+    # Every member is built from the same seed (see SAEModule), so a bank member starts
+    # where a single run of its config starts.
+    specs = [
+        {"name": m.name, "sae": sae_kwargs(m.sae, cfg.backbone.d_model), "lr": m.lr}
+        for m in members
+    ]
+    schedule = dict(
         warmup_steps=cfg.optim.warmup_steps,
         decay_fraction=cfg.optim.decay_fraction,
+        seed=cfg.seed,
     )
+    if is_bank:
+        module = SAEModule(bank=specs, **schedule)
+    else:
+        module = SAEModule(sae=specs[0]["sae"], lr=specs[0]["lr"], **schedule)
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
     if last_ckpt.exists():
         log.info("resuming from %s", last_ckpt)
     elif cfg.optim.b_pre_init != "zeros":
-        module.sae.init_b_pre(datamodule.sample(4096, seed=cfg.seed), cfg.optim.b_pre_init)
+        sample = datamodule.sample(4096, seed=cfg.seed)
+        for sae in module.saes:
+            sae.init_b_pre(sample, cfg.optim.b_pre_init)
 
-    config_flat = flatten(resolved) | {"sae.lr": module.lr, "hsae.version": hsae.__version__}
     tags = [cfg.backbone.name, f"layer{cfg.backbone.layer}", cfg.sae.arch, cfg.dataset.name]
-    name = name or run_name(cfg)
-    logger = make_logger(cfg.logger, run_dir, config_flat, name, tags, group=group)
+    job_name, name = name, name or run_name(cfg)
     val_cache = ActivationCache.open(caches["val"])
     report = LatentReport(
         _image_loader(cfg, "val"), list(val_cache.hierarchy.class_names[-1]), seed=cfg.seed
     )
+    callbacks: list[L.Callback] = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)]
+    if is_bank:
+        # The job's curves go to CSV; each member gets its own W&B run after training.
+        logger = make_logger(replace(cfg.logger, kind="csv"), run_dir, {}, name, tags)
+    else:
+        config_flat = flatten(resolved) | {"sae.lr": module.lr, "hsae.version": hsae.__version__}
+        logger = make_logger(cfg.logger, run_dir, config_flat, name, tags, group=group)
+        callbacks.append(report)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -168,7 +296,7 @@ def train(
         precision=cfg.trainer.precision,
         max_epochs=cfg.optim.epochs,
         logger=logger,
-        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True), report],
+        callbacks=callbacks,
         default_root_dir=str(run_dir),
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.enable_progress_bar,
@@ -180,25 +308,39 @@ def train(
         module, datamodule=datamodule, ckpt_path=str(last_ckpt) if last_ckpt.exists() else None
     )
     (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = {key.removeprefix("val/"): float(value) for key, value in final.items()}
+    results = [_member_metrics(final, module.metric_prefix(i)) for i in range(len(members))]
 
     if trainer.is_global_zero:
-        save_sae(module.sae, run_dir)
-        _write_json(
-            run_dir / "cfg.json",
-            {
-                "hsae_version": hsae.__version__,
-                "sae": module.sae.config() | {"lr": module.lr},
-                "cache": {split: str(path) for split, path in caches.items()},
-                "backbone": asdict(cfg.backbone),
-                "dataset": asdict(cfg.dataset),
-                "seed": cfg.seed,
-                "config": resolved,
-            },
-        )
-        _write_json(run_dir / "metrics.json", metrics)
-        log_summary(logger, metrics)
-        log_artifacts(logger, run_dir, caches, name)
-        finish(logger)
+        for member, sae, lr, metrics in zip(members, module.saes, module.lrs, results, strict=True):
+            extra = None
+            if is_bank:
+                extra = {
+                    "bank": {"job_dir": str(run_dir), "index": member.index, "entry": member.entry}
+                }
+            _write_run_files(member.run_dir, sae, lr, cfg, member.resolved, caches, metrics, extra)
+        if not is_bank:
+            log_summary(logger, results[0])
+            log_artifacts(logger, run_dir, caches, name)
+            finish(logger)
+        else:
+            listing = _bank_listing(run_dir, members, module.lrs)
+            for entry, metrics in zip(listing, results, strict=True):
+                entry["metrics"] = metrics
+            _write_json(run_dir / "bank.json", {"config": resolved, "members": listing})
+            if cfg.logger.kind == "wandb":
+                csv_path = Path(logger.experiment.metrics_file_path)
+                member_group = group or f"bank_{run_dir.parent.name}_{run_dir.name}"
+                for member, sae, lr, metrics in zip(
+                    members, module.saes, module.lrs, results, strict=True
+                ):
+                    member_name = (
+                        f"{job_name},{member.label}"
+                        if job_name
+                        else f"{cfg.backbone.name}-l{cfg.backbone.layer}-{member.label}"
+                    )
+                    _member_wandb_run(
+                        cfg, member, sae, lr, metrics, caches, csv_path, report, val_cache,
+                        member_name, member_group, module.device,
+                    )  # fmt: skip
         log.info("run dir: %s", run_dir)
-    return metrics
+    return results if is_bank else results[0]
