@@ -32,6 +32,10 @@ def main(cfg_dict: DictConfig) -> None:
         print(format_table(metrics))
         print(f"wrote {path}")
         return
+    if cfg.export_saelens is not None:
+        from hsae.sae.saelens import export_run
+
+        print(f"SAELens folder: {export_run(cfg.run_dir, cfg.export_saelens)}")
     metrics = evaluate_run(
         cfg.run_dir, cfg.split, cfg.batch_size, cfg.device, cfg.interp, cfg.reference, cfg.n_top
     )

@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from hsae.backbones.base import same_image_tower_warning
 from hsae.config import flatten
 from hsae.errors import HsaeError
 
@@ -86,20 +87,15 @@ def _image_tower_fingerprint(cfg: dict) -> str | None:
 
 
 def same_image_tower(rows: list[dict[str, Any]]) -> list[str]:
-    """Warnings for backbones compared here whose image towers have identical weights
-    (e.g. CLIP and RE-CLIP, which fine-tunes only the text tower): their vision SAEs see
-    the same activations, so any difference between them is noise."""
-    names: dict[str, set[str]] = defaultdict(set)
-    for row in rows:
-        if row.get("backbone.fingerprint"):
-            names[row["backbone.fingerprint"]].add(str(row.get("backbone.name")))
-    return [
-        f"backbones {', '.join(sorted(group))} have the same image-tower weights "
-        f"(fingerprint {fingerprint}): their vision activations are identical, so any "
-        "difference between their SAEs is noise, not the backbone"
-        for fingerprint, group in sorted(names.items())
-        if len(group) > 1
-    ]
+    """A warning when backbones compared here share image-tower weights (e.g. CLIP and
+    RE-CLIP): their vision SAEs then see identical activations."""
+    fingerprints = {
+        str(row.get("backbone.name")): row["backbone.fingerprint"]
+        for row in rows
+        if row.get("backbone.fingerprint")
+    }
+    warning = same_image_tower_warning(fingerprints)
+    return [warning] if warning else []
 
 
 def pool_seeds(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:

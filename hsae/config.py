@@ -190,6 +190,9 @@ class OptimConfig:
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # linear decay to 0 over the last part of training
     b_pre_init: str = "geometric_median"  # geometric_median | mean | zeros
+    # Scale inputs to unit mean squared norm (folded into the weights on save), so one set
+    # of hyperparameters (L1 coefficients, JumpReLU thresholds) transfers across backbones.
+    normalize_inputs: bool = True
     in_memory: bool = True  # load the whole cache into RAM when it fits
     num_workers: int = 0
 
@@ -267,6 +270,7 @@ class EvalConfig:
     reference: str = "pixels"  # MS reference embedding, the same for every backbone: pixels | none
     n_top: int = 50  # top-activating images per latent for purity, depth, uniqueness
     out_dir: str = "runs/hierarchy"  # step 1 writes <out_dir>/<backbone>_l<layer>_<tokens>.json
+    export_saelens: Optional[str] = None  # noqa: UP045 - with run_dir: write the SAE in SAELens' format here
 
     def __post_init__(self) -> None:
         modes = [self.run_dir is not None, self.compare is not None, self.backbone is not None]

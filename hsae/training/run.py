@@ -44,8 +44,11 @@ SPLITS = ("train", "val")
 
 
 def build_caches(cfg: RunConfig) -> dict[str, Path]:
-    """Build (or reuse) the train and val activation caches; returns their folders."""
-    backbone = make_backbone(cfg.backbone)
+    """Build (or reuse) the train and val activation caches; returns their folders.
+
+    With ``dataset=activations`` the rows come from the user's array file: no backbone is
+    loaded, and ``backbone.d_model`` must match the array's width.
+    """
     request = CacheRequest(
         layer=cfg.backbone.layer,
         tokens=cfg.backbone.tokens,
@@ -54,7 +57,20 @@ def build_caches(cfg: RunConfig) -> dict[str, Path]:
         batch_size=cfg.cache.batch_size,
         num_workers=cfg.cache.num_workers,
         device=cfg.cache.device,
+        verify=cfg.cache.verify,
     )
+    if cfg.dataset.name == "activations":
+        caches = {}
+        for split in SPLITS:
+            dataset = make_dataset(cfg.dataset, split)
+            if dataset.d_model != cfg.backbone.d_model:
+                raise HsaeError(
+                    f"dataset.path has rows of width {dataset.d_model} but backbone.d_model="
+                    f"{cfg.backbone.d_model}; set backbone.d_model={dataset.d_model}"
+                )
+            caches[split] = get_or_build(cfg.cache.dir, None, None, dataset, request).path
+        return caches
+    backbone = make_backbone(cfg.backbone)
     return {
         split: get_or_build(
             cfg.cache.dir, backbone, asdict(cfg.backbone), make_dataset(cfg.dataset, split), request
@@ -269,10 +285,13 @@ def train(
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
     if last_ckpt.exists():
         log.info("resuming from %s", last_ckpt)
-    elif cfg.optim.b_pre_init != "zeros":
+    else:
         sample = datamodule.sample(4096, seed=cfg.seed)
         for sae in module.saes:
-            sae.init_b_pre(sample, cfg.optim.b_pre_init)
+            if cfg.optim.normalize_inputs:
+                sae.set_input_scale(sample)
+            if cfg.optim.b_pre_init != "zeros":
+                sae.init_b_pre(sample, cfg.optim.b_pre_init)
 
     tags = [cfg.backbone.name, f"layer{cfg.backbone.layer}", cfg.sae.arch, cfg.dataset.name]
     job_name, name = name, name or run_name(cfg)
