@@ -172,3 +172,34 @@ def test_step1_hierarchy_of_a_backbone_layer(tmp_path):
     ):
         assert name in record["metrics"], name
     assert record["backbone"]["layer"] == 1
+
+
+@pytest.mark.slow
+def test_train_on_own_activations_and_export_for_saelens(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    acts = (rng.normal(size=(1200, 24)) @ rng.normal(size=(24, 24))).astype(np.float32)
+    np.save(tmp_path / "acts.npy", acts)
+    run_dir = tmp_path / "run"
+    result = run(
+        "train.py", *TINY, "dataset=activations", f"dataset.path={tmp_path / 'acts.npy'}",
+        "backbone.d_model=24", "sae.k=4", f"hydra.run.dir={run_dir}", f"cache.dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 0 < json.loads((run_dir / "metrics.json").read_text())["fvu"] < 1
+    result = run(
+        "evaluate.py",
+        f"run_dir={run_dir}",
+        f"export_saelens={tmp_path / 'saelens'}",
+        "interp=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = json.loads((tmp_path / "saelens" / "cfg.json").read_text())
+    assert exported["architecture"] == "topk" and exported["d_in"] == 24 and exported["k"] == 4
+
+    wrong = run(
+        "train.py", *TINY, "dataset=activations", f"dataset.path={tmp_path / 'acts.npy'}",
+        f"hydra.run.dir={tmp_path / 'wrong'}", f"cache.dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    assert_one_line_error(wrong, "backbone.d_model=24")
