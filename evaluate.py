@@ -18,7 +18,7 @@ def main(cfg_dict: DictConfig) -> None:
     if cfg.compare is not None:
         from hsae.compare import compare
 
-        for label, path in compare(cfg.compare, cfg.x, cfg.y).items():
+        for label, path in compare(cfg.compare, cfg.x, cfg.y, logger_cfg=cfg.logger).items():
             print(f"{label}: {path}")
         return
     from hsae.evaluation import evaluate_run, format_table, hierarchy_of_backbone

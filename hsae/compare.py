@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hsae.backbones.base import same_image_tower_warning
-from hsae.config import flatten
+from hsae.config import flatten, path_safe
 from hsae.errors import HsaeError
 
 log = logging.getLogger(__name__)
@@ -221,15 +221,66 @@ def plot_xy(
     return out_path
 
 
-def compare(root: str | Path, x: str | None = None, y: str | None = None) -> dict[str, Path]:
-    """Tables and plots for every run under ``root``, written to ``root/compare/``."""
-    root = Path(root).resolve()
-    rows, metrics = collect_runs(root)
+WANDB_PREFIX = "wandb:"
+
+
+def collect_wandb_runs(path: str, api: Any = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows like ``collect_runs`` from the W&B runs of a group: ``entity/project/group``.
+
+    hsae logs flat config keys and the documented metric names as summary keys, so a W&B
+    run maps to a row without renaming; only finished ``train`` runs are taken."""
+    parts = path.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise HsaeError(f"compare=wandb:{path}: expected compare=wandb:<entity>/<project>/<group>")
+    entity, project, group = parts
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    rows, metrics = [], set()
+    for run in api.runs(f"{entity}/{project}", filters={"group": group, "jobType": "train"}):
+        if getattr(run, "state", "finished") != "finished":
+            continue
+        row = {k: v for k, v in dict(run.config).items() if not k.startswith(IGNORED)}
+        row["run_dir"] = f"wandb:{run.id}"
+        summary = {
+            k: v
+            for k, v in dict(run.summary).items()
+            if not k.startswith(("_", "train/", "val/", "latents/", "lr", "epoch", "trainer/"))
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+        }
+        row.update(summary)
+        metrics |= set(summary)
+        rows.append(row)
+    if not rows:
+        raise HsaeError(f"no finished train runs in W&B group {group!r} of {entity}/{project}")
+    return rows, sorted(metrics)
+
+
+def compare(
+    root: str | Path,
+    x: str | None = None,
+    y: str | None = None,
+    logger_cfg: Any = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Tables and plots for every run under ``root`` (a folder, or ``wandb:entity/project/
+    group``), written to ``root/compare/`` (or ``out_dir``); logged as a W&B run of
+    job_type ``compare`` when ``logger_cfg`` says W&B."""
+    if str(root).startswith(WANDB_PREFIX):
+        group_path = str(root)[len(WANDB_PREFIX) :]
+        rows, metrics = collect_wandb_runs(group_path)
+        root = Path(out_dir or f"compare-{path_safe(group_path)}").resolve()
+        out_dir = root
+    else:
+        root = Path(root).resolve()
+        rows, metrics = collect_runs(root)
     notes = same_image_tower(rows)
     for note in notes:
         log.warning(note)
     pooled = pool_seeds(rows, metrics)
-    out_dir = root / "compare"
+    out_dir = Path(out_dir) if out_dir is not None else root / "compare"
     md_path, csv_path = write_tables(pooled, metrics, out_dir, notes)
     outputs = {"table_md": md_path, "table_csv": csv_path}
     group = ("backbone.name", "backbone.layer", "sae.arch")
@@ -248,4 +299,23 @@ def compare(root: str | Path, x: str | None = None, y: str | None = None) -> dic
     if x and y:
         name = f"{y}_vs_{x}".replace("/", "_")
         outputs[name] = plot_xy(pooled, x, y, out_dir / f"{name}.png", group)
+    if logger_cfg is not None:
+        _log_compare(logger_cfg, root, out_dir, pooled, metrics, outputs)
     return outputs
+
+
+def _log_compare(
+    logger_cfg: Any, root: Path, out_dir: Path, pooled: list[dict[str, Any]], metrics: list[str],
+    outputs: dict[str, Path],
+) -> None:  # fmt: skip
+    from hsae.tracking import log_standalone_run
+
+    columns = _columns(pooled, metrics)
+    media: dict[str, Any] = {
+        "compare/runs": {"columns": columns, "rows": [[r.get(c) for c in columns] for r in pooled]}
+    }
+    media |= {f"compare/{k}": path for k, path in outputs.items() if path.suffix == ".png"}
+    log_standalone_run(
+        logger_cfg, out_dir, f"compare/{root.name}", root.name, "compare",
+        {"compare.root": str(root)}, {"n_runs": len(pooled)}, media,
+    )  # fmt: skip

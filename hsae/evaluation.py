@@ -189,7 +189,28 @@ def evaluate_run(
         json.dumps({"split": split, "metrics": metrics, "skipped": skipped}, indent=2) + "\n"
     )
     tmp.replace(run_dir / "eval.json")
+    _log_eval_to_wandb(run_dir, cfg, metrics)
     return metrics
+
+
+def _log_eval_to_wandb(run_dir: Path, cfg: dict, metrics: dict[str, float]) -> None:
+    """When the run was tracked in W&B, its evaluation becomes a W&B run of job_type
+    ``eval`` in the same project and group, named ``<run name>/eval``, with the run's flat
+    config, so the dashboard puts step-3 metrics next to training's."""
+    from hsae.config import LoggerConfig, flatten
+    from hsae.tracking import log_standalone_run
+
+    logger = cfg.get("config", {}).get("logger", {})
+    if logger.get("kind") != "wandb":
+        return
+    tracking = cfg.get("tracking", {})
+    fields = LoggerConfig.__dataclass_fields__
+    logger_cfg = LoggerConfig(**{k: v for k, v in logger.items() if k in fields})
+    name = f"{tracking.get('name') or run_dir.name}/eval"
+    config_flat = flatten(cfg["config"])
+    log_standalone_run(
+        logger_cfg, run_dir / "eval", name, tracking.get("group"), "eval", config_flat, metrics
+    )
 
 
 def hierarchy_of_backbone(

@@ -173,3 +173,34 @@ def finish(logger: Logger) -> None:
         wandb.teardown()
         if offline and run_path is not None:
             log.info("W&B run saved offline; upload it with: wandb sync %s", run_path)
+
+
+def log_standalone_run(
+    cfg: LoggerConfig,
+    files_dir: Path,
+    name: str,
+    group: str | None,
+    job_type: str,
+    config_flat: dict[str, Any],
+    summary: dict[str, Any],
+    media: dict[str, Any] | None = None,
+) -> None:
+    """A W&B run outside training (``eval``, ``compare``): config, summary keys under the
+    documented names, optional media (``{"key": path.png | list of rows + "columns"}``).
+    Its files go in ``files_dir/wandb``; offline without credentials, like training."""
+    if cfg.kind != "wandb":
+        return
+    with wandb_guard(f"log the {job_type} run"):
+        logger = make_logger(cfg, files_dir, config_flat, name, [], group=group, job_type=job_type)
+        if not isinstance(logger, WandbLogger):
+            return
+        import wandb
+
+        run = logger.experiment
+        for key, value in (media or {}).items():
+            if isinstance(value, Path):
+                run.log({key: wandb.Image(str(value))})
+            elif isinstance(value, dict):
+                run.log({key: wandb.Table(columns=value["columns"], data=value["rows"])})
+        run.summary.update(summary)
+        finish(logger)

@@ -67,6 +67,13 @@ def test_evaluate_recomputes_the_metrics(trained_run):
         assert name in evaluated, name
     skipped = json.loads((run_dir / "eval.json").read_text())["skipped"]
     assert "patch" in skipped["interp/moran_i"]  # CLS rows have no patch grid
+    from tests.wandb_offline import read_run
+
+    eval_run = read_run(run_dir / "eval")  # a W&B run of its own, beside the training run's
+    assert eval_run["job_type"] == "eval" and eval_run["name"].endswith("/eval")
+    assert eval_run["summary"]["interp/purity@family"] == pytest.approx(
+        evaluated["interp/purity@family"]
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:

@@ -64,6 +64,9 @@ def test_basic_multirun_then_compare_pools_seeds(tmp_path):
     assert "fvu_ci95" in table and "n_seeds" in table
     lines = [line for line in table.splitlines()[2:] if line.strip()]
     assert len(lines) == 2  # two k values, each pooled over two seeds
+    compare_run = read_run(out)  # the comparison is a W&B run too (job_type compare)
+    assert compare_run["job_type"] == "compare" and compare_run["summary"]["n_runs"] == 2
+    assert "compare/runs/nrows" in compare_run["history_keys"]
 
     # Rerunning the same sweep into the same folder skips the finished jobs.
     again = train(

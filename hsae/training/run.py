@@ -167,6 +167,16 @@ def _write_run_files(
     _write_json(run_dir / "metrics.json", metrics)
 
 
+def _member_name(job_name: str | None, cfg: RunConfig, member: Member) -> str:
+    if job_name:
+        return f"{job_name},{member.label}"
+    return f"{cfg.backbone.name}-l{cfg.backbone.layer}-{member.label}"
+
+
+def _bank_group(group: str | None, run_dir: Path) -> str:
+    return group or f"bank_{run_dir.parent.name}_{run_dir.name}"
+
+
 def _bank_listing(run_dir: Path, members: list[Member], lrs: list[float] | None = None) -> list:
     return [
         {
@@ -331,10 +341,15 @@ def train(
 
     if trainer.is_global_zero:
         for member, sae, lr, metrics in zip(members, module.saes, module.lrs, results, strict=True):
-            extra = None
+            # How the run is labelled in W&B, so evaluate.py can file its results beside it.
+            extra: dict[str, Any] = {"tracking": {"name": name, "group": cfg.logger.group or group}}
             if is_bank:
                 extra = {
-                    "bank": {"job_dir": str(run_dir), "index": member.index, "entry": member.entry}
+                    "bank": {"job_dir": str(run_dir), "index": member.index, "entry": member.entry},
+                    "tracking": {
+                        "name": _member_name(job_name, cfg, member),
+                        "group": cfg.logger.group or _bank_group(group, run_dir),
+                    },
                 }
             _write_run_files(member.run_dir, sae, lr, cfg, member.resolved, caches, metrics, extra)
         if not is_bank:
@@ -348,18 +363,13 @@ def train(
             _write_json(run_dir / "bank.json", {"config": resolved, "members": listing})
             if cfg.logger.kind == "wandb":
                 csv_path = Path(logger.experiment.metrics_file_path)
-                member_group = group or f"bank_{run_dir.parent.name}_{run_dir.name}"
                 for member, sae, lr, metrics in zip(
                     members, module.saes, module.lrs, results, strict=True
                 ):
-                    member_name = (
-                        f"{job_name},{member.label}"
-                        if job_name
-                        else f"{cfg.backbone.name}-l{cfg.backbone.layer}-{member.label}"
-                    )
                     _member_wandb_run(
                         cfg, member, sae, lr, metrics, caches, csv_path, report, val_cache,
-                        member_name, member_group, module.device,
+                        _member_name(job_name, cfg, member), _bank_group(group, run_dir),
+                        module.device,
                     )  # fmt: skip
         log.info("run dir: %s", run_dir)
     return results if is_bank else results[0]
