@@ -89,19 +89,31 @@ class L0(Metric):
         return self.n_active.double().div(self.n_rows).float()
 
 
-class DeadFraction(Metric):
-    """Fraction of latents that never fired on any row seen."""
+class FeatureDensity(Metric):
+    """``[n_latents]`` fraction of rows on which each latent fires: a histogram to log (on a
+    log scale), not a scalar, so it stays out of ``make_sae_metrics``. Its subclasses read
+    one scalar off the same firing counts."""
 
     fire_count: torch.Tensor
+    n_rows: torch.Tensor
 
     full_state_update = False
 
     def __init__(self, n_latents: int, **kwargs):
         super().__init__(**kwargs)
         self.add_state("fire_count", torch.zeros(n_latents, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("n_rows", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
         self.fire_count += (codes != 0).sum(dim=0)
+        self.n_rows += codes.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return self.fire_count.double().div(self.n_rows).float()
+
+
+class DeadFraction(FeatureDensity):
+    """Fraction of latents that never fired on any row seen."""
 
     def compute(self) -> torch.Tensor:
         return (self.fire_count == 0).float().mean()
@@ -131,22 +143,8 @@ class L1(Metric):
 DENSE_THRESHOLD = 0.1  # a latent on more than 10% of rows is too common to read as a feature
 
 
-class DenseFraction(Metric):
+class DenseFraction(FeatureDensity):
     """Fraction of latents that fire on more than 10% of the rows seen."""
-
-    fire_count: torch.Tensor
-    n_rows: torch.Tensor
-
-    full_state_update = False
-
-    def __init__(self, n_latents: int, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("fire_count", torch.zeros(n_latents, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("n_rows", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
-        self.fire_count += (codes != 0).sum(dim=0)
-        self.n_rows += codes.shape[0]
 
     def compute(self) -> torch.Tensor:
         return (self.fire_count > DENSE_THRESHOLD * self.n_rows).float().mean()
@@ -178,29 +176,6 @@ class Shrinkage(Metric):
         return (self.ratio / self.n_rows).float()
 
 
-class FeatureDensity(Metric):
-    """``[n_latents]`` fraction of rows on which each latent fires: a histogram to log (on a
-    log scale), not a scalar, so it stays out of ``make_sae_metrics``."""
-
-    fire_count: torch.Tensor
-    n_rows: torch.Tensor
-
-    full_state_update = False
-
-    def __init__(self, n_latents: int, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("fire_count", torch.zeros(n_latents, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("n_rows", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
-        self.fire_count += (codes != 0).sum(dim=0)
-        self.n_rows += codes.shape[0]
-
-    def compute(self) -> torch.Tensor:
-        return self.fire_count.double().div(self.n_rows).float()
-
-
-@torch.no_grad()
 def max_decoder_cosine(
     sae: SparseAutoencoder | torch.Tensor, chunk_rows: int = 4096
 ) -> torch.Tensor:
