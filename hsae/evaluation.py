@@ -137,12 +137,14 @@ def interpretability(
     decoder = getattr(sae, "W_dec", None)
     if decoder is None:
         skipped["interp/absorption"] = f"{type(sae).__name__} has no single decoder matrix W_dec"
-    groups = getattr(sae, "group_bounds", None)
+    # Matryoshka groups: the increments between successive prefix ends.
+    ends = list(getattr(sae, "ends", []) or [])
+    groups = list(zip([0, *ends[:-1]], ends, strict=True)) if ends else None
     metrics = interp_metrics(
         images.acts_ik, labels, cache.hierarchy,
         decoder_kd=None if decoder is None else decoder.detach().cpu(),
         feats_nd=images.feats_id, ref_emb_ne=ref, moran_i_k=images.moran_k,
-        groups=list(groups) if groups is not None else None, n_top=n_top, seed=seed,
+        groups=groups, n_top=n_top, seed=seed,
     )  # fmt: skip
     metrics |= fidelity_metrics(
         images.feats_id, images.recon_id, torch.zeros_like(images.feats_id), labels, cache.hierarchy

@@ -210,3 +210,20 @@ def test_train_on_own_activations_and_export_for_saelens(tmp_path):
         f"hydra.run.dir={tmp_path / 'wrong'}", f"cache.dir={tmp_path / 'cache'}",
     )  # fmt: skip
     assert_one_line_error(wrong, "backbone.d_model=24")
+
+
+@pytest.mark.slow
+def test_matryoshka_groups_get_their_own_taxonomy_depth(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(
+        "train.py",
+        *TINY,
+        "sae=matryoshka",
+        f"hydra.run.dir={run_dir}",
+        f"cache.dir={tmp_path / 'c'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run("evaluate.py", f"run_dir={run_dir}", "n_top=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "eval.json").read_text())["metrics"]
+    assert sum(key.startswith("interp/taxonomy_depth/group") for key in metrics) == 5
