@@ -62,7 +62,9 @@ def read_run(run_dir: Path) -> dict:
                 key = item.key or "/".join(item.nested_key)
                 out["summary"][key] = json.loads(item.value_json)
         elif kind == "history":
-            out["history_keys"] |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+            out["history_keys"] |= {
+                item.key or "/".join(item.nested_key) for item in record.history.item
+            }
         elif kind == "artifact":
             out["artifacts"].append((record.artifact.type, record.artifact.name))
     return out
