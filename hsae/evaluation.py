@@ -25,6 +25,7 @@ from hsae.cache import ActivationCache, resolve_device
 from hsae.config import DatasetConfig
 from hsae.errors import HsaeError
 from hsae.metrics import make_sae_metrics
+from hsae.metrics.sae import max_decoder_cosine
 from hsae.sae import WEIGHTS_FILE, load_sae
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ def evaluate_run(
         )
     images = image_pass(sae, cache, batch_size, dev)
     metrics: dict[str, float] = dict(images.sae_metrics)
+    metrics["max_decoder_cosine"] = float(max_decoder_cosine(sae))
     metrics["n_rows"] = cache.n_rows
     skipped: dict[str, str] = {}
     if interp:

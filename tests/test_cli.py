@@ -40,7 +40,16 @@ def test_train_writes_the_run_dir(trained_run):
     for name in ("sae.safetensors", "cfg.json", "metrics.json", "checkpoints/last.ckpt"):
         assert (run_dir / name).exists(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics) >= {"mse", "fvu", "l0", "dead_fraction"}
+    assert set(metrics) >= {
+        "mse",
+        "fvu",
+        "l0",
+        "dead_fraction",
+        "l1",
+        "dense_fraction",
+        "shrinkage",
+    }
+    assert 0 < metrics["max_decoder_cosine"] <= 1
     assert 0 < metrics["fvu"] < 1
     assert metrics["l0"] == pytest.approx(16)
     cfg = json.loads((run_dir / "cfg.json").read_text())

@@ -32,6 +32,7 @@ from hsae.cache import ActivationCache, CacheRequest, get_or_build
 from hsae.config import RunConfig, flatten, to_objects
 from hsae.data import make_dataset
 from hsae.errors import HsaeError
+from hsae.metrics.sae import max_decoder_cosine
 from hsae.sae import sae_kwargs, save_sae
 from hsae.tracking import finish, log_artifacts, log_summary, make_logger, replay_metrics
 from hsae.training.bank import Member, make_members
@@ -337,7 +338,11 @@ def train(
         module, datamodule=datamodule, ckpt_path=str(last_ckpt) if last_ckpt.exists() else None
     )
     (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
-    results = [_member_metrics(final, module.metric_prefix(i)) for i in range(len(members))]
+    results = [
+        _member_metrics(final, module.metric_prefix(i))
+        | {"max_decoder_cosine": float(max_decoder_cosine(sae))}
+        for i, sae in enumerate(module.saes)
+    ]
 
     if trainer.is_global_zero:
         for member, sae, lr, metrics in zip(members, module.saes, module.lrs, results, strict=True):
