@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -252,6 +252,37 @@ class Backbone(ABC):
                 handle.remove()
         return {layer: captured[layer] for layer in layers}
 
+    @torch.no_grad()
+    def forward_edited(
+        self, images: torch.Tensor, layer: int, edit: Callable[[torch.Tensor], None] | None
+    ) -> torch.Tensor:
+        """The image tower's output (its pooled embedding or logits) when ``edit`` changes
+        layer ``layer``'s output in place, seen as ``[batch, tokens, d]``, before the rest of
+        the model runs (``edit=None``: the plain output). Used to steer with SAE latents."""
+        self.check_layer(layer)
+        outputs: list[object] = []
+
+        def edit_hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            if edit is not None:
+                # A view of the output: writing into it changes what the next layer sees.
+                edit(self._to_tokens(_first(output)))
+
+        def tower_hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            outputs.append(output)
+
+        handles = [
+            self._named_layers()[layer][1].register_forward_hook(edit_hook),
+            self.image_tower().register_forward_hook(tower_hook),
+        ]
+        try:
+            self._run(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not outputs:
+            raise HsaeError(f"{self.name}: the image tower did not run; cannot read its output")
+        return _embedding(outputs[-1])
+
     def _to_tokens(self, acts: torch.Tensor) -> torch.Tensor:
         """A layer's raw output -> ``[batch, tokens, d]``."""
         if acts.ndim == 4:  # CNN feature map [B, C, H, W]: tokens are positions, row-major
@@ -287,6 +318,16 @@ def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
             tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         )
     return digest.hexdigest()[:16]
+
+
+def _embedding(output: object) -> torch.Tensor:
+    """A tower's output as one tensor per image: the tensor itself, the first of a tuple,
+    or a Hugging Face output's ``image_embeds`` / ``pooler_output`` / ``logits``."""
+    for key in ("image_embeds", "pooler_output", "logits"):
+        value = getattr(output, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return _first(output)
 
 
 def _first(output: object) -> torch.Tensor:

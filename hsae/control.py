@@ -1,0 +1,116 @@
+"""Control: steer a backbone with one SAE latent and see whether its prediction follows.
+
+For a latent ``j`` with label ``c`` (the class its top images share), clamp ``j`` to a
+multiple of its maximum activation at the hooked layer — add ``(value - f_j(x)) * d_j`` to
+each hooked token, ``d_j`` the latent's decoder direction in the activations' own units,
+which leaves the SAE's reconstruction error in place — run the rest of the backbone, and
+read the prediction off its output with a linear readout (a probe on the tower's final
+embedding, or the model's own logits). The *hit rate* is the fraction of images not of
+class ``c`` whose prediction becomes ``c``; the unedited pass gives its baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hsae.backbones import Backbone
+from hsae.errors import HsaeError
+from hsae.metrics.hierarchy import LinearProbe, fit_linear_probe
+from hsae.sae.base import SparseAutoencoder
+
+
+@dataclass
+class ControlResult:
+    hit_rate_k: torch.Tensor
+    """Per latent: fraction of images (not of its class) predicted as its class after the edit."""
+    baseline_k: torch.Tensor
+    """The same fraction without the edit."""
+    delta_p_k: torch.Tensor
+    """Mean change of the readout probability of the latent's class."""
+
+    def metrics(self, prefix: str = "control/") -> dict[str, float]:
+        return {
+            f"{prefix}hit_rate": float(self.hit_rate_k.mean()),
+            f"{prefix}hit_rate_baseline": float(self.baseline_k.mean()),
+            f"{prefix}delta_p": float(self.delta_p_k.mean()),
+        }
+
+
+@torch.no_grad()
+def latent_direction(sae: SparseAutoencoder, latent: int) -> torch.Tensor:
+    """``decode(e_j) - decode(0)``: what one unit of latent ``j`` adds to an activation, in
+    the activations' units (the input scale and any folding included)."""
+    codes = torch.zeros(2, sae.n_latents, device=next(sae.parameters()).device)
+    codes[1, latent] = 1.0
+    out = sae.decode(codes)
+    return out[1] - out[0]
+
+
+def clamp_edit(
+    sae: SparseAutoencoder, latent: int, value: float, tokens: str, n_prefix_tokens: int
+) -> Callable[[torch.Tensor], None]:
+    """An in-place edit of a layer's ``[batch, tokens, d]`` output that sets ``latent`` to
+    ``value`` on the rows the SAE was trained on (``tokens``)."""
+    direction = latent_direction(sae, latent)
+
+    def edit(acts_btd: torch.Tensor) -> None:
+        if tokens == "cls":
+            rows = acts_btd[:, :1]
+        elif tokens in ("patch", "mean"):
+            rows = acts_btd[:, n_prefix_tokens:]
+        elif tokens == "all":
+            rows = acts_btd
+        else:
+            raise HsaeError(
+                f"backbone.tokens={tokens!r} is not valid; choose cls, patch, mean or all"
+            )
+        if tokens == "mean":  # the SAE saw the mean patch token: shift every patch equally
+            current = sae.encode(rows.float().mean(dim=1))[:, latent]
+            rows += ((value - current)[:, None] * direction).to(rows.dtype)[:, None, :]
+            return
+        flat = rows.reshape(-1, rows.shape[-1]).float()
+        current = sae.encode(flat)[:, latent]
+        rows += ((value - current)[:, None] * direction).to(rows.dtype).view_as(rows)
+
+    return edit
+
+
+@torch.no_grad()
+def fit_readout(
+    backbone: Backbone, images: torch.Tensor, labels_n: torch.Tensor, n_classes: int, layer: int = 0
+) -> LinearProbe:
+    """A linear readout of the classes from the tower's unedited output."""
+    return fit_linear_probe(backbone.forward_edited(images, layer, None), labels_n, n_classes)
+
+
+@torch.no_grad()
+def clamp_hit_rate(
+    backbone: Backbone,
+    sae: SparseAutoencoder,
+    layer: int,
+    tokens: str,
+    images: torch.Tensor,
+    labels_n: torch.Tensor,
+    readout: LinearProbe,
+    latents: Sequence[int],
+    latent_classes: Sequence[int],
+    values: Sequence[float],
+) -> ControlResult:
+    """Steer with each latent in turn over the images not of its class."""
+    if not len(latents) == len(latent_classes) == len(values):
+        raise HsaeError("latents, latent_classes and values must have the same length")
+    base_p = readout.logits(backbone.forward_edited(images, layer, None)).softmax(dim=-1)
+    hits, baselines, deltas = [], [], []
+    for latent, cls, value in zip(latents, latent_classes, values, strict=True):
+        others = labels_n != cls
+        if not others.any():
+            raise HsaeError(f"every image is of class {cls}; control needs images of other classes")
+        edit = clamp_edit(sae, latent, value, tokens, backbone.n_prefix_tokens)
+        p = readout.logits(backbone.forward_edited(images[others], layer, edit)).softmax(dim=-1)
+        hits.append((p.argmax(dim=-1) == cls).float().mean())
+        baselines.append((base_p[others].argmax(dim=-1) == cls).float().mean())
+        deltas.append((p[:, cls] - base_p[others, cls]).mean())
+    return ControlResult(torch.stack(hits), torch.stack(baselines), torch.stack(deltas))
