@@ -37,7 +37,14 @@ def main(cfg_dict: DictConfig) -> None:
 
         print(f"SAELens folder: {export_run(cfg.run_dir, cfg.export_saelens)}")
     metrics = evaluate_run(
-        cfg.run_dir, cfg.split, cfg.batch_size, cfg.device, cfg.interp, cfg.reference, cfg.n_top
+        cfg.run_dir,
+        cfg.split,
+        cfg.batch_size,
+        cfg.device,
+        cfg.interp,
+        cfg.reference,
+        cfg.n_top,
+        cfg.control,
     )
     print(format_table(metrics))
     print(f"wrote {cfg.run_dir}/eval.json")

@@ -267,6 +267,7 @@ class EvalConfig:
     batch_size: int = 4096
     device: str = "auto"
     interp: bool = True  # step-3 metrics (interp/..., fidelity/...) besides the SAE's own
+    control: bool = True  # steer the backbone with the purest latents (control/...)
     reference: str = "pixels"  # MS reference embedding, the same for every backbone: pixels | none
     n_top: int = 50  # top-activating images per latent for purity, depth, uniqueness
     out_dir: str = "runs/hierarchy"  # step 1 writes <out_dir>/<backbone>_l<layer>_<tokens>.json

@@ -153,6 +153,63 @@ def interpretability(
     return metrics, skipped
 
 
+def control_metrics(
+    sae: torch.nn.Module, cache: ActivationCache, images: ImagePass, cfg: dict, split: str,
+    n_latents: int = 16, n_images: int = 128, multiple: float = 2.0, level: int = 0,
+    seed: int = 0, device: torch.device | str = "cpu",
+) -> dict[str, float]:  # fmt: skip
+    """Steer the run's backbone with its most label-pure latents (hsae.control): each is
+    clamped to ``multiple`` x its maximum activation on images of other classes, and a
+    linear readout of the tower's output (fit on other images) says whether the prediction
+    at hierarchy level ``level`` moves to the latent's class."""
+    from hsae.backbones import make_backbone
+    from hsae.config import BackboneConfig
+    from hsae.control import clamp_hit_rate, fit_readout
+    from hsae.data import make_dataset
+
+    backbone_cfg = BackboneConfig(**cfg["backbone"])
+    backbone = make_backbone(backbone_cfg)
+    backbone.model.to(device)
+    dataset = make_dataset(DatasetConfig(**cfg["dataset"]), split)
+    dataset.transform = backbone.preprocess
+    labels_n = torch.as_tensor(cache.labels_nl[images.image_ids, level])
+    n_classes = cache.hierarchy.n_classes(level)
+    # Each latent's class: the majority label of the images it fires on most.
+    acts = images.acts_ik
+    top = acts.topk(min(20, len(acts)), dim=0)
+    fired = top.values > 0
+    top_labels = labels_n[top.indices]  # [top, k]
+    counts = torch.stack([((top_labels == c) & fired).sum(dim=0) for c in range(n_classes)])
+    purity = counts.max(dim=0).values / fired.sum(dim=0).clamp_min(1)
+    eligible = fired.sum(dim=0) >= 5
+    order = torch.argsort(torch.where(eligible, purity, -1.0), descending=True)
+    latents = [int(j) for j in order[:n_latents] if eligible[j]]
+    if not latents:
+        raise HsaeError("no latent fires on 5 or more images; control needs active latents")
+    classes = [int(counts[:, j].argmax()) for j in latents]
+    values = [multiple * float(acts[:, j].max()) for j in latents]
+
+    rng = np.random.default_rng(seed)
+    order_images = rng.permutation(len(images.image_ids))
+    fit_idx, test_idx = order_images[:n_images], order_images[n_images : 2 * n_images]
+    if len(test_idx) == 0:
+        raise HsaeError(f"control needs more than {n_images} images in the {split} split")
+
+    def load(idx: np.ndarray) -> torch.Tensor:
+        return torch.stack([dataset[int(images.image_ids[i])][0] for i in idx]).to(device)
+
+    layer, tokens = backbone_cfg.layer, backbone_cfg.tokens
+    readout = fit_readout(backbone, load(fit_idx), labels_n[fit_idx].to(device), n_classes, layer)
+    result = clamp_hit_rate(
+        backbone, sae, layer, tokens, load(test_idx), labels_n[test_idx].to(device), readout,
+        latents, classes, values,
+    )  # fmt: skip
+    name = cache.hierarchy.level_names[level]
+    return {f"{k}@{name}": v for k, v in result.metrics().items()} | {
+        "control/n_latents": float(len(latents))
+    }
+
+
 def evaluate_run(
     run_dir: str | Path,
     split: str = "val",
@@ -161,6 +218,7 @@ def evaluate_run(
     interp: bool = True,
     reference: str = "pixels",
     n_top: int = 50,
+    control: bool = True,
 ) -> dict[str, Any]:
     """Every metric that applies to the run, on a cached split; writes ``eval.json``."""
     run_dir = Path(run_dir).resolve()
@@ -186,6 +244,14 @@ def evaluate_run(
         metrics |= interp_values
     else:
         skipped["interp/*, fidelity/*"] = "interp=false"
+    if not control:
+        skipped["control/*"] = "control=false"
+    elif cfg["dataset"]["name"] == "activations":
+        skipped["control/*"] = "no backbone: the run trained on an activations file"
+    else:
+        metrics |= control_metrics(
+            sae, cache, images, cfg, split, seed=cfg.get("seed", 0), device=dev
+        )
     for name, why in skipped.items():
         log.info("skipped %s: %s", name, why)
     tmp = run_dir / ".eval.json.tmp"

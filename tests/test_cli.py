@@ -74,6 +74,7 @@ def test_evaluate_recomputes_the_metrics(trained_run):
     for name in ("interp/purity@family", "interp/ms", "interp/uniqueness", "interp/sparse_probe@k1/shape",
                  "interp/absorption_rate", "fidelity/recovered@variant"):  # fmt: skip
         assert name in evaluated, name
+    assert 0 <= evaluated["control/hit_rate@family"] <= 1 and evaluated["control/n_latents"] >= 1
     skipped = json.loads((run_dir / "eval.json").read_text())["skipped"]
     assert "patch" in skipped["interp/moran_i"]  # CLS rows have no patch grid
     from tests.wandb_offline import read_run
