@@ -114,3 +114,53 @@ def clamp_hit_rate(
         baselines.append((base_p[others].argmax(dim=-1) == cls).float().mean())
         deltas.append((p[:, cls] - base_p[others, cls]).mean())
     return ControlResult(torch.stack(hits), torch.stack(baselines), torch.stack(deltas))
+
+
+@torch.no_grad()
+def spliced_zero_shot(
+    backbone: Backbone,
+    sae: SparseAutoencoder,
+    layer: int,
+    tokens: str,
+    images: torch.Tensor,
+    labels_n: torch.Tensor,
+    class_names: Sequence[str],
+    template: str = "a photo of a {}.",
+) -> dict[str, float]:
+    """CLIP zero-shot accuracy with the hooked rows replaced by the SAE's reconstruction,
+    against the original and against zero ablation of those rows: ``fidelity/zero_shot/...``
+    and ``fidelity/zero_shot_recovered`` = (spliced - ablated) / (original - ablated)."""
+    encode_text = getattr(backbone, "encode_text", None)
+    if encode_text is None:
+        raise HsaeError(f"{backbone.name} has no text tower; zero-shot needs a CLIP-like backbone")
+    text = torch.nn.functional.normalize(
+        encode_text([template.format(c) for c in class_names]), dim=-1
+    )
+
+    def rows_of(acts_btd: torch.Tensor) -> torch.Tensor:
+        if tokens == "cls":
+            return acts_btd[:, :1]
+        return acts_btd[:, backbone.n_prefix_tokens :] if tokens in ("patch", "mean") else acts_btd
+
+    def splice(acts_btd: torch.Tensor) -> None:
+        rows = rows_of(acts_btd)
+        if tokens == "mean":  # replace the patches' mean by its reconstruction
+            mean = rows.float().mean(dim=1)
+            rows += (sae(mean).x_hat - mean).to(rows.dtype)[:, None, :]
+            return
+        flat = rows.reshape(-1, rows.shape[-1]).float()
+        rows.copy_(sae(flat).x_hat.to(rows.dtype).view_as(rows))
+
+    def ablate(acts_btd: torch.Tensor) -> None:
+        rows_of(acts_btd).zero_()
+
+    accuracy = {}
+    for kind, edit in (("original", None), ("spliced", splice), ("ablated", ablate)):
+        image = torch.nn.functional.normalize(backbone.forward_edited(images, layer, edit), dim=-1)
+        accuracy[kind] = float(((image @ text.T).argmax(dim=-1) == labels_n).float().mean())
+    gap = accuracy["original"] - accuracy["ablated"]
+    out = {f"fidelity/zero_shot/{k}": v for k, v in accuracy.items()}
+    out["fidelity/zero_shot_recovered"] = (
+        (accuracy["spliced"] - accuracy["ablated"]) / gap if abs(gap) > 1e-9 else float("nan")
+    )
+    return out

@@ -161,10 +161,11 @@ def control_metrics(
     """Steer the run's backbone with its most label-pure latents (hsae.control): each is
     clamped to ``multiple`` x its maximum activation on images of other classes, and a
     linear readout of the tower's output (fit on other images) says whether the prediction
-    at hierarchy level ``level`` moves to the latent's class."""
+    at hierarchy level ``level`` moves to the latent's class. For a backbone with a text
+    tower, also CLIP zero-shot accuracy at that level with the SAE spliced in."""
     from hsae.backbones import make_backbone
     from hsae.config import BackboneConfig
-    from hsae.control import clamp_hit_rate, fit_readout
+    from hsae.control import clamp_hit_rate, fit_readout, spliced_zero_shot
     from hsae.data import make_dataset
 
     backbone_cfg = BackboneConfig(**cfg["backbone"])
@@ -205,9 +206,15 @@ def control_metrics(
         latents, classes, values,
     )  # fmt: skip
     name = cache.hierarchy.level_names[level]
-    return {f"{k}@{name}": v for k, v in result.metrics().items()} | {
-        "control/n_latents": float(len(latents))
-    }
+    out = {f"{k}@{name}": v for k, v in result.metrics().items()}
+    out["control/n_latents"] = float(len(latents))
+    if hasattr(backbone, "encode_text"):  # a CLIP-like backbone: zero-shot with the SAE spliced in
+        zero_shot = spliced_zero_shot(
+            backbone, sae, layer, tokens, load(test_idx), labels_n[test_idx].to(device),
+            list(cache.hierarchy.class_names[level]),
+        )  # fmt: skip
+        out |= {f"{k}@{name}": v for k, v in zero_shot.items()}
+    return out
 
 
 def evaluate_run(

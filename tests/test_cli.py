@@ -75,6 +75,7 @@ def test_evaluate_recomputes_the_metrics(trained_run):
                  "interp/absorption_rate", "fidelity/recovered@variant"):  # fmt: skip
         assert name in evaluated, name
     assert 0 <= evaluated["control/hit_rate@family"] <= 1 and evaluated["control/n_latents"] >= 1
+    assert 0 <= evaluated["fidelity/zero_shot/spliced@family"] <= 1  # tiny_vit has a text tower
     skipped = json.loads((run_dir / "eval.json").read_text())["skipped"]
     assert "patch" in skipped["interp/moran_i"]  # CLS rows have no patch grid
     from tests.wandb_offline import read_run

@@ -99,3 +99,26 @@ def test_images_all_of_the_latents_class_are_an_error(tiny_backbone, setup):
             tiny_backbone, sae, LAYER, "cls", images[labels == 0], labels[labels == 0], readout,
             latents=[0], latent_classes=[0], values=[1.0],
         )  # fmt: skip
+
+
+def test_zero_shot_with_a_perfect_sae_equals_the_original_and_a_null_sae_the_ablation(
+    tiny_backbone, setup
+):
+    from hsae.control import spliced_zero_shot
+    from hsae.data.synthetic import HIERARCHY
+
+    images, labels, _ = setup
+    d = 128
+    perfect = TopKSAE(d_model=d, n_latents=2 * d, k=2 * d).eval()  # relu(x) - relu(-x) = x
+    with torch.no_grad():
+        perfect.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)]))
+        perfect.W_enc.copy_(perfect.W_dec.T)
+    null = TopKSAE(d_model=d, n_latents=8, k=1).eval()
+    with torch.no_grad():
+        null.W_dec.zero_()
+    names = list(HIERARCHY.class_names[0])
+    good = spliced_zero_shot(tiny_backbone, perfect, LAYER, "cls", images, labels, names)
+    bad = spliced_zero_shot(tiny_backbone, null, LAYER, "cls", images, labels, names)
+    assert good["fidelity/zero_shot/spliced"] == good["fidelity/zero_shot/original"]
+    assert bad["fidelity/zero_shot/spliced"] == bad["fidelity/zero_shot/ablated"]
+    assert 0 <= good["fidelity/zero_shot/original"] <= 1

@@ -107,7 +107,7 @@ def clip_canonical(visual_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 class OpenClipBackbone(Backbone):
     def __init__(self, name: str, model_name: str, pretrained: str | None, init_seed: int = 0):
-        self.name = name
+        self.name, self.model_name = name, model_name
         self.model = _create_model(model_name, pretrained, init_seed).eval()
         self.model.requires_grad_(False)
         visual = self.visual
@@ -143,6 +143,13 @@ class OpenClipBackbone(Backbone):
 
     def image_tower(self) -> nn.Module:
         return self.visual
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Text embeddings ``[len(texts), e]`` in the joint space (CLIP's text tower)."""
+        tokenizer = open_clip.get_tokenizer(self.model_name)
+        device = next(self.model.parameters()).device
+        return self.model.encode_text(tokenizer(texts).to(device))
 
     def _fingerprint_tensors(self) -> dict[str, torch.Tensor]:
         state = self.visual.state_dict()
