@@ -238,3 +238,19 @@ def test_matryoshka_groups_get_their_own_taxonomy_depth(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "eval.json").read_text())["metrics"]
     assert sum(key.startswith("interp/taxonomy_depth/group") for key in metrics) == 5
+
+
+@pytest.mark.slow
+def test_step1_joint_space_on_hierarcaps(tmp_path):
+    images = ROOT.parent / "shared" / "data" / "hierarcaps" / "images"
+    if not images.is_dir():
+        pytest.skip(f"no HierarCaps images at {images}")
+    result = run(
+        "evaluate.py", "backbone=tiny_vit", "dataset=hierarcaps", f"dataset.path={images}",
+        "dataset.max_images=30", f"out_dir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = tmp_path.glob("tiny_vit_l2_cls_hierarcaps-val.json")
+    metrics = json.loads(path.read_text())["metrics"]
+    assert -1 <= metrics["hier/kendall_tau"] <= 1
+    assert 0 <= metrics["hier/retrieval_precision"] <= 1
