@@ -192,9 +192,10 @@ def control_metrics(
 
     rng = np.random.default_rng(seed)
     order_images = rng.permutation(len(images.image_ids))
-    fit_idx, test_idx = order_images[:n_images], order_images[n_images : 2 * n_images]
-    if len(test_idx) == 0:
-        raise HsaeError(f"control needs more than {n_images} images in the {split} split")
+    n_fit = min(n_images, len(order_images) // 2)  # half for the readout, half to steer
+    fit_idx, test_idx = order_images[:n_fit], order_images[n_fit : n_fit + n_images]
+    if n_fit < 2:
+        raise HsaeError(f"control needs at least 4 images in the {split} split")
 
     def load(idx: np.ndarray) -> torch.Tensor:
         return torch.stack([dataset[int(images.image_ids[i])][0] for i in idx]).to(device)
