@@ -49,6 +49,18 @@ def latent_direction(sae: SparseAutoencoder, latent: int) -> torch.Tensor:
     return out[1] - out[0]
 
 
+def hooked_rows(acts_btd: torch.Tensor, tokens: str, n_prefix_tokens: int) -> torch.Tensor:
+    """The tokens of a layer's ``[batch, tokens, d]`` output that an SAE trained with this
+    token selection reads, as a view (writing into it edits the layer's output)."""
+    if tokens == "cls":
+        return acts_btd[:, :1]
+    if tokens in ("patch", "mean"):
+        return acts_btd[:, n_prefix_tokens:]
+    if tokens == "all":
+        return acts_btd
+    raise HsaeError(f"backbone.tokens={tokens!r} is not valid; choose cls, patch, mean or all")
+
+
 def clamp_edit(
     sae: SparseAutoencoder, latent: int, value: float, tokens: str, n_prefix_tokens: int
 ) -> Callable[[torch.Tensor], None]:
@@ -57,16 +69,7 @@ def clamp_edit(
     direction = latent_direction(sae, latent)
 
     def edit(acts_btd: torch.Tensor) -> None:
-        if tokens == "cls":
-            rows = acts_btd[:, :1]
-        elif tokens in ("patch", "mean"):
-            rows = acts_btd[:, n_prefix_tokens:]
-        elif tokens == "all":
-            rows = acts_btd
-        else:
-            raise HsaeError(
-                f"backbone.tokens={tokens!r} is not valid; choose cls, patch, mean or all"
-            )
+        rows = hooked_rows(acts_btd, tokens, n_prefix_tokens)
         if tokens == "mean":  # the SAE saw the mean patch token: shift every patch equally
             current = sae.encode(rows.float().mean(dim=1))[:, latent]
             rows += ((value - current)[:, None] * direction).to(rows.dtype)[:, None, :]
@@ -138,9 +141,7 @@ def spliced_zero_shot(
     )
 
     def rows_of(acts_btd: torch.Tensor) -> torch.Tensor:
-        if tokens == "cls":
-            return acts_btd[:, :1]
-        return acts_btd[:, backbone.n_prefix_tokens :] if tokens in ("patch", "mean") else acts_btd
+        return hooked_rows(acts_btd, tokens, backbone.n_prefix_tokens)
 
     def splice(acts_btd: torch.Tensor) -> None:
         rows = rows_of(acts_btd)
