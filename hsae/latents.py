@@ -24,8 +24,6 @@ class LatentStats:
     """Dataset image index behind each of those values (-1 = none)."""
     top_tokens_kt: torch.Tensor
     """Token (within the image) where that maximum occurred."""
-    image_acts_ik: torch.Tensor | None = None
-    """``[n_images, n_latents]`` per-image maximum activation, when requested."""
 
 
 @torch.no_grad()
@@ -35,10 +33,8 @@ def collect_latent_stats(
     top_n: int = 9,
     batch_size: int = 4096,
     device: torch.device | str = "cpu",
-    keep_image_acts: bool = False,
 ) -> LatentStats:
-    """One pass over the cache, in row order. Memory: O(n_latents x top_n) (plus
-    ``[n_images, n_latents]`` when ``keep_image_acts``)."""
+    """One pass over the cache, in row order. Memory: O(n_latents x top_n)."""
     n_latents = sae.n_latents
     tokens_per_image = cache.manifest["tokens_per_image"]
     # Whole images per batch, so an image's maximum is complete within one batch.
@@ -48,7 +44,6 @@ def collect_latent_stats(
     top_values = torch.zeros(n_latents, top_n, device=device)
     top_images = torch.full((n_latents, top_n), -1, dtype=torch.long, device=device)
     top_tokens = torch.full((n_latents, top_n), -1, dtype=torch.long, device=device)
-    image_acts = []
     for start in range(0, cache.n_rows, rows_per_batch):
         rows = np.arange(start, min(start + rows_per_batch, cache.n_rows))
         codes_rk = sae.encode(cache.read(rows).to(device)).float()
@@ -57,8 +52,6 @@ def collect_latent_stats(
         n_img = len(rows) // tokens_per_image
         per_image = codes_rk.view(n_img, tokens_per_image, n_latents)
         img_max_ik, argmax_ik = per_image.max(dim=1)
-        if keep_image_acts:
-            image_acts.append(img_max_ik.cpu())
         image_ids = torch.as_tensor(cache.row_image(rows[::tokens_per_image]), device=device)
         token_ids = torch.as_tensor(cache.manifest["token_index"], device=device)[argmax_ik]
         # Merge this batch's images into the running top-n per latent.
@@ -79,7 +72,6 @@ def collect_latent_stats(
         top_values_kt=top_values.cpu(),
         top_images_kt=top_images.cpu(),
         top_tokens_kt=top_tokens.cpu(),
-        image_acts_ik=torch.cat(image_acts) if keep_image_acts else None,
     )
 
 
