@@ -608,11 +608,16 @@ class ActivationCache:
         return out
 
     def load_all(self) -> torch.Tensor:
-        return (
-            torch.cat([self.to_float(s) for s in self._shards])
-            if self._shards
-            else torch.empty(0, self.d_model)
-        )
+        """All rows ``[n_rows, d]`` as float32."""
+        return self.load_stored().float()
+
+    def load_stored(self) -> torch.Tensor:
+        """All rows ``[n_rows, d]`` in the storage dtype (float16 rows take half the memory)."""
+        dtype = _TORCH_DTYPES[self.manifest["dtype"]]
+        if not self._shards:
+            return torch.empty(0, self.d_model, dtype=dtype)
+        stored = torch.cat([torch.from_numpy(np.array(s)) for s in self._shards])
+        return stored.view(torch.bfloat16) if dtype == torch.bfloat16 else stored
 
     def row_image(self, rows: np.ndarray) -> np.ndarray:
         """Dataset image index of each row."""

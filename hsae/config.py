@@ -194,6 +194,11 @@ class OptimConfig:
     # of hyperparameters (L1 coefficients, JumpReLU thresholds) transfers across backbones.
     normalize_inputs: bool = True
     in_memory: bool = True  # load the whole cache into RAM when it fits
+    # With in_memory on a GPU: keep the rows in its memory (when they take at most half of
+    # what is free), so batches never cross PCIe.
+    on_device: bool = True
+    # Compile each SAE's forward with torch.compile (first steps slower, while it compiles).
+    compile: bool = False
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -268,6 +273,8 @@ class EvalConfig:
     device: str = "auto"
     interp: bool = True  # step-3 metrics (interp/..., fidelity/...) besides the SAE's own
     control: bool = True  # steer the backbone with the purest latents (control/...)
+    names: bool = True  # name latents with the backbone's text tower, if any (interp/name...)
+    names_vocab: Optional[str] = None  # noqa: UP045 - a file, one entry per line; default: class names
     reference: str = "pixels"  # MS reference embedding, the same for every backbone: pixels | none
     n_top: int = 50  # top-activating images per latent for purity, depth, uniqueness
     out_dir: str = "runs/hierarchy"  # step 1 writes <out_dir>/<backbone>_l<layer>_<tokens>.json

@@ -342,8 +342,21 @@ class AuxKMixin:
 
     @torch.no_grad()
     def _update_fired(self, codes_nl: torch.Tensor) -> None:
-        fired = (codes_nl != 0).any(dim=0)
-        self.rows_since_fired.add_(codes_nl.shape[0]).masked_fill_(fired, 0)
+        self._mark_fired((codes_nl != 0).any(dim=0), codes_nl.shape[0])
+
+    @torch.no_grad()
+    def _mark_fired(self, fired_l: torch.Tensor, n_rows: int) -> None:
+        self.rows_since_fired.add_(n_rows).masked_fill_(fired_l, 0)
+
+    @torch.no_grad()
+    def _auxk_indices(self, pre_nl: torch.Tensor, dead_l: torch.Tensor) -> torch.Tensor | None:
+        """``[n, k_aux]``: each row's largest pre-activations among the dead latents, or None
+        when AuxK is off this step (nothing dead, not training, or ``aux_coeff=0``)."""
+        n_dead = int(dead_l.sum())
+        if not self.training or n_dead == 0 or self.aux_coeff == 0:
+            return None
+        k_aux = min(self.k_aux or max(1, self.d_model // 2), n_dead)
+        return pre_nl.masked_fill(~dead_l, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
 
     def _auxk_loss(
         self,
@@ -354,12 +367,12 @@ class AuxKMixin:
         W_dec: torch.Tensor,
     ) -> torch.Tensor | None:
         """Weighted AuxK term, or None when nothing is dead (the loss is then unchanged)."""
-        n_dead = int(dead_l.sum())
-        if not self.training or n_dead == 0 or self.aux_coeff == 0:
+        indices = self._auxk_indices(pre_nl, dead_l)
+        if indices is None:
             return None
-        k_aux = min(self.k_aux or max(1, self.d_model // 2), n_dead)
-        top = pre_nl.masked_fill(~dead_l, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        aux_codes = torch.zeros_like(pre_nl).scatter_(-1, top.indices, top.values.relu())
+        aux_codes = torch.zeros_like(pre_nl).scatter_(
+            -1, indices, pre_nl.gather(-1, indices).relu()
+        )
         # The residual is a target, not a path: AuxK trains only the dead latents.
         residual = (x - x_hat).detach()
         return self.aux_coeff * normalized_mse(aux_codes @ W_dec, residual)

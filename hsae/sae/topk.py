@@ -5,6 +5,10 @@ Gao et al. 2024, "Scaling and evaluating sparse autoencoders" (arXiv:2406.04093)
 ``b_pre`` subtracted before encoding and added back after decoding; decoder rows at unit
 norm; the encoder initialised as the decoder's transpose; the AuxK loss (§A.2) revives dead
 latents by having them reconstruct what the live ones miss.
+
+``sparse_kernels`` (on by default) computes the same step with ``hsae.sae.sparse``: one
+dense product (the encoder's forward) instead of five, the rest over the ``k`` active
+latents only; ``False`` runs the plain dense reference.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ from hsae.sae.base import (
     normalized_mse,
     topk_codes,
 )
+from hsae.sae.sparse import gathered_pre_acts, sparse_decode
 
 
 class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
     arch = "topk"
+    sparse_kernels: bool = True
+    """Train with the sparse kernels (same results as the dense step, up to rounding)."""
 
     def __init__(
         self,
@@ -69,6 +76,34 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         return codes @ self.W_dec + self.b_pre
 
     def _forward(self, x: torch.Tensor) -> ForwardOutput:
+        return self._forward_sparse(x) if self.sparse_kernels else self._forward_dense(x)
+
+    def _forward_sparse(self, x: torch.Tensor) -> ForwardOutput:
+        dead_l = self.dead_latents()
+        with torch.no_grad():  # the one dense product; gradients come from gathered_pre_acts
+            pre_nl = self.pre_acts(x)
+            indices = pre_nl.topk(min(self.k, self.n_latents), dim=-1, sorted=False).indices
+            aux_indices = self._auxk_indices(pre_nl, dead_l)
+            both = indices if aux_indices is None else torch.cat([indices, aux_indices], dim=1)
+        acts = gathered_pre_acts(x, self.b_pre, self.W_enc, self.b_enc, both, pre_nl).relu()
+        values = acts[:, : indices.shape[1]]
+        x_hat = sparse_decode(values, indices, self.W_dec) + self.b_pre
+        recon = normalized_mse(x_hat, x)
+        aux = None
+        if aux_indices is not None:
+            aux_recon = sparse_decode(acts[:, indices.shape[1] :], aux_indices, self.W_dec)
+            aux = self.aux_coeff * normalized_mse(aux_recon, (x - x_hat).detach())
+        with torch.no_grad():
+            codes = torch.zeros_like(pre_nl).scatter_(-1, indices, values.to(pre_nl.dtype))
+            if self.training:
+                # Static shapes (no boolean indexing), so torch.compile keeps one graph.
+                hits = torch.zeros(self.n_latents, dtype=torch.int32, device=x.device)
+                hits.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).int())
+                self._mark_fired(hits > 0, x.shape[0])
+        loss = recon if aux is None else recon + aux
+        return ForwardOutput(x_hat=x_hat, codes=codes, loss=loss, recon_loss=recon, aux_loss=aux)
+
+    def _forward_dense(self, x: torch.Tensor) -> ForwardOutput:
         dead_l = self.dead_latents()
         pre_nl = self.pre_acts(x)
         codes = topk_codes(pre_nl, self.k)

@@ -9,6 +9,7 @@ global batch size.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -20,11 +21,25 @@ from hsae.cache import ActivationCache
 from hsae.cache_reader import ShuffledRowReader
 from hsae.errors import HsaeError
 
+log = logging.getLogger(__name__)
+
 
 class CacheRows(Dataset):
+    """A cache's rows, read from its shards per batch or held whole in memory as stored
+    (float16 takes half of float32's room), on the CPU or moved to an accelerator with
+    ``to``; batches come out float32 either way."""
+
     def __init__(self, cache: ActivationCache, in_memory: bool):
         self.cache = cache
-        self.data = cache.load_all() if in_memory else None
+        self.data = cache.load_stored() if in_memory else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device if self.data is not None else torch.device("cpu")
+
+    def to(self, device: torch.device) -> None:
+        if self.data is not None:
+            self.data = self.data.to(device)
 
     def __len__(self) -> int:
         return self.cache.n_rows
@@ -34,7 +49,7 @@ class CacheRows(Dataset):
 
     def __getitems__(self, rows: list[int]) -> torch.Tensor:
         if self.data is not None:
-            return self.data[torch.as_tensor(rows)]
+            return self.data[torch.as_tensor(rows, device=self.data.device)].float()
         return self.cache.read(np.asarray(rows))
 
 
@@ -105,9 +120,10 @@ class CacheDataModule(L.LightningDataModule):
         in_memory: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        on_device: bool = True,
     ):
         super().__init__()
-        self.seed = seed
+        self.seed, self.on_device = seed, on_device
         self.train_dir, self.val_dir = Path(train_dir), Path(val_dir)
         self.batch_size, self.in_memory, self.num_workers = batch_size, in_memory, num_workers
         self.train_rows: CacheRows | None = None
@@ -117,6 +133,28 @@ class CacheDataModule(L.LightningDataModule):
         if self.train_rows is None:
             self.train_rows = CacheRows(ActivationCache.open(self.train_dir), self.in_memory)
             self.val_rows = CacheRows(ActivationCache.open(self.val_dir), self.in_memory)
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        if self.in_memory and self.on_device and device.type != "cpu":
+            self._move_rows(device)
+
+    def _move_rows(self, device: torch.device) -> None:
+        """Rows on the accelerator: batches are gathered there and never cross PCIe. Only
+        when they take at most half of its free memory (the SAEs need the rest)."""
+        assert self.train_rows is not None and self.val_rows is not None
+        if self.train_rows.device == device:
+            return
+        rows = (self.train_rows.data, self.val_rows.data)
+        needed = sum(r.numel() * r.element_size() for r in rows if r is not None)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else needed * 2
+        if needed > free / 2:
+            log.warning(
+                "the cache (%.1f GB) does not fit in half of %s's free memory (%.1f GB): "
+                "batches come from RAM (set optim.on_device=false to silence this)",
+                needed / 1e9, device, free / 1e9,
+            )  # fmt: skip
+            return
+        self.train_rows.to(device)
+        self.val_rows.to(device)
 
     def _loader(self, rows: CacheRows, shuffle: bool) -> DataLoader:
         trainer = self.trainer
@@ -127,7 +165,7 @@ class CacheDataModule(L.LightningDataModule):
             batch_sampler=sampler,
             collate_fn=_stack,
             num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available() and rows.device.type == "cpu",
             persistent_workers=self.num_workers > 0,
         )
 

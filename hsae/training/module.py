@@ -53,6 +53,7 @@ class SAEModule(L.LightningModule):
         decay_fraction: float = 0.2,
         bank: list[dict[str, Any]] | None = None,
         seed: int | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the flat run config is logged instead
@@ -73,6 +74,9 @@ class SAEModule(L.LightningModule):
                     torch.manual_seed(seed)
                 saes.append(make_sae(**member["sae"]))
                 self._rng_states.append(torch.get_rng_state())
+        if compile:  # in place: parameter names and checkpoints stay those of the eager SAE
+            for sae in saes:
+                sae.compile()
         self.saes = nn.ModuleList(saes)
         self.lrs = [
             m["lr"] if m["lr"] is not None else default_lr(m["sae"]["n_latents"]) for m in members

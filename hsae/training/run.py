@@ -85,7 +85,14 @@ def run_name(cfg: RunConfig) -> str:
 
 
 # Keys that change how a run is logged or shown, not what it computes.
-_COSMETIC = ("logger", "skip_finished", "trainer.enable_progress_bar", "trainer.log_every_n_steps")
+_COSMETIC = (
+    "logger",
+    "skip_finished",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "optim.on_device",  # the same batches, gathered on the GPU
+    "optim.compile",  # the same step, fused
+)
 
 
 def _what_it_computes(resolved: dict) -> dict:
@@ -275,6 +282,7 @@ def train(
         caches["val"],
         batch_size=cfg.optim.batch_size,
         in_memory=cfg.optim.in_memory,
+        on_device=cfg.optim.on_device,
         num_workers=cfg.optim.num_workers,
         seed=cfg.seed,
     )
@@ -288,6 +296,7 @@ def train(
         warmup_steps=cfg.optim.warmup_steps,
         decay_fraction=cfg.optim.decay_fraction,
         seed=cfg.seed,
+        compile=cfg.optim.compile,
     )
     if is_bank:
         module = SAEModule(bank=specs, **schedule)

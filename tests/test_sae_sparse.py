@@ -1,0 +1,120 @@
+"""The sparse TopK kernels equal dense autograd: forward values and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hsae.sae import TopKSAE
+from hsae.sae import sparse as sparse_mod
+from hsae.sae.sparse import gathered_pre_acts, sparse_decode
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+@pytest.fixture(params=[1 << 25, 200], ids=["one_chunk", "many_chunks"])
+def chunk_elements(request, monkeypatch):
+    monkeypatch.setattr(sparse_mod, "CHUNK_ELEMENTS", request.param)
+    return request.param
+
+
+def test_sparse_decode_matches_dense(chunk_elements):
+    torch.manual_seed(0)
+    n, k, n_latents, d = 37, 5, 64, 12
+    indices = torch.stack([torch.randperm(n_latents)[:k] for _ in range(n)])
+    values, table = (
+        torch.randn(n, k, dtype=torch.float64),
+        torch.randn(n_latents, d, dtype=torch.float64),
+    )
+    grad_out = torch.randn(n, d, dtype=torch.float64)
+
+    v_s, t_s = _leaf(values), _leaf(table)
+    out_s = sparse_decode(v_s, indices, t_s)
+    out_s.backward(grad_out)
+
+    v_d, t_d = _leaf(values), _leaf(table)
+    codes = torch.zeros(n, n_latents, dtype=torch.float64).scatter(-1, indices, v_d)
+    out_d = codes @ t_d
+    out_d.backward(grad_out)
+
+    torch.testing.assert_close(out_s, out_d)
+    torch.testing.assert_close(v_s.grad, v_d.grad)
+    torch.testing.assert_close(t_s.grad, t_d.grad)
+
+
+def test_gathered_pre_acts_gradients_match_dense(chunk_elements):
+    torch.manual_seed(1)
+    n, d, n_latents, k = 29, 10, 48, 6
+    x, b_pre = torch.randn(n, d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    W_enc, b_enc = (
+        torch.randn(d, n_latents, dtype=torch.float64),
+        torch.randn(n_latents, dtype=torch.float64),
+    )
+    indices = torch.stack([torch.randperm(n_latents)[:k] for _ in range(n)])
+    grad_out = torch.randn(n, k, dtype=torch.float64)
+
+    sparse_leaves = [_leaf(t) for t in (x, b_pre, W_enc, b_enc)]
+    with torch.no_grad():
+        pre = (x - b_pre) @ W_enc + b_enc
+    gathered_pre_acts(*sparse_leaves, indices, pre).backward(grad_out)
+
+    dense_leaves = [_leaf(t) for t in (x, b_pre, W_enc, b_enc)]
+    xd, bd, Wd, bed = dense_leaves
+    ((xd - bd) @ Wd + bed).gather(-1, indices).backward(grad_out)
+
+    for name, s, dense in zip(
+        ("x", "b_pre", "W_enc", "b_enc"), sparse_leaves, dense_leaves, strict=True
+    ):
+        torch.testing.assert_close(s.grad, dense.grad, msg=f"gradient of {name}")
+
+
+def _pair(**kwargs) -> tuple[TopKSAE, TopKSAE]:
+    torch.manual_seed(2)
+    sparse = TopKSAE(**kwargs)
+    dense = TopKSAE(**kwargs)
+    dense.load_state_dict(sparse.state_dict())
+    dense.sparse_kernels = False
+    with torch.no_grad():  # off the transposed init, so encoder and decoder differ
+        for sae in (sparse, dense):
+            torch.manual_seed(3)
+            sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc))
+            sae.b_enc.add_(0.1 * torch.randn_like(sae.b_enc))
+            sae.b_pre.add_(0.1 * torch.randn_like(sae.b_pre))
+    return sparse, dense
+
+
+@pytest.mark.parametrize("with_dead", [False, True], ids=["no_auxk", "auxk"])
+def test_topk_sparse_step_equals_dense_step(with_dead):
+    sparse, dense = _pair(d_model=16, n_latents=96, k=4, k_aux=8, dead_tokens_threshold=50)
+    if with_dead:  # a third of the latents dead: AuxK runs and trains them
+        for sae in (sparse, dense):
+            sae.rows_since_fired[::3] = 1000
+    x = torch.randn(64, 16) * 3 + 1
+    out_s, out_d = sparse(x), dense(x)
+    assert (out_s.aux_loss is None) == (not with_dead)
+    assert (out_d.aux_loss is None) == (not with_dead)
+    out_s.loss.backward()
+    out_d.loss.backward()
+    torch.testing.assert_close(out_s.loss, out_d.loss)
+    torch.testing.assert_close(out_s.x_hat, out_d.x_hat)
+    torch.testing.assert_close(out_s.codes, out_d.codes.detach())
+    for (name, p_s), p_d in zip(sparse.named_parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(p_s.grad, p_d.grad, msg=f"gradient of {name}")
+    torch.testing.assert_close(sparse.rows_since_fired, dense.rows_since_fired)
+
+
+def test_topk_sparse_eval_and_autocast():
+    sparse, dense = _pair(d_model=16, n_latents=64, k=4)
+    x = torch.randn(32, 16)
+    sparse.eval(), dense.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x).x_hat, dense(x).x_hat)
+    sparse.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse(x)
+    out.loss.backward()
+    # float32 master weights get float32 gradients; bf16 values stay close to float32's.
+    assert all(p.grad.dtype == torch.float32 for p in sparse.parameters())
+    torch.testing.assert_close(out.x_hat.float(), dense(x).x_hat, atol=0.1, rtol=0.05)
