@@ -1,10 +1,13 @@
 """The Hugging Face loader on tiny random CLIP / ViT / DINOv2 models saved to a temporary
 folder and loaded through the adapter's local-folder path (HF_HUB_OFFLINE=1 from conftest):
-layers, capture against the model's hidden states, preprocessing, and image-tower
-fingerprints (a changed text tower keeps them; open_clip and transformers agree)."""
+layers, capture against the model's hidden states, preprocessing, image-tower fingerprints
+(a changed text tower keeps them; open_clip and transformers agree), and a CLIPModel's joint
+image-text space (against get_text_features / get_image_features, HierarCaps, zero-shot)."""
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 import pytest
@@ -13,9 +16,14 @@ import torch
 from hsae.backbones import make_backbone, same_image_tower_warning
 from hsae.config import BackboneConfig
 from hsae.errors import HsaeError
-from tests.test_backbones_adapters import hierarcaps_image
+from tests.test_backbones_adapters import HIERARCAPS_IMAGES, hierarcaps_image
 
 transformers = pytest.importorskip("transformers")
+# A CLIP BPE vocabulary as OpenAI's, only smaller: 256 byte symbols, the same with "</w>", the
+# first N_MERGES merges of open_clip's bundled OpenAI vocabulary, then the two special tokens.
+N_MERGES = 200
+TINY_VOCAB = 2 * 256 + N_MERGES + 2
+BOS, EOS = TINY_VOCAB - 2, TINY_VOCAB - 1
 TINY_VISION = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -32,7 +40,7 @@ def hf_cfg(folder: Path, d_model: int = 32, layer: int = 1) -> BackboneConfig:
     )
 
 
-def tiny_clip_model(seed: int = 0):
+def tiny_clip_model(seed: int = 0, **text):
     torch.manual_seed(seed)
     config = transformers.CLIPConfig(
         text_config={
@@ -40,11 +48,12 @@ def tiny_clip_model(seed: int = 0):
             "intermediate_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
-            "vocab_size": 99,
+            "vocab_size": TINY_VOCAB,
             "max_position_embeddings": 16,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
+            "bos_token_id": BOS,
+            "eos_token_id": EOS,
+            "pad_token_id": EOS,
+            **text,
         },
         vision_config=TINY_VISION,
         projection_dim=16,
@@ -58,28 +67,56 @@ def save_with_processor(model, folder: Path, processor) -> Path:
     return folder
 
 
+def write_clip_tokenizer(folder: Path) -> Path:
+    """vocab.json and merges.txt, the files of a hub CLIP tokenizer (built offline)."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1 : 1 + N_MERGES]
+    symbols = list(bytes_to_unicode().values())
+    vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m.split()) for m in merges)]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(set(vocab)) == TINY_VOCAB
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def clip_dirs(tmp_path_factory):
-    """A CLIPModel, the same with its text tower changed, and with its image tower changed."""
+    """A CLIPModel (without a tokenizer: image tower only), the same with a tokenizer
+    ("joint"), with its text tower changed (with a tokenizer too), and with its image tower
+    changed."""
     root = tmp_path_factory.mktemp("hf_clip")
     processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}
     )
     model = tiny_clip_model()
     base = save_with_processor(model, root / "clip", processor)
+    joint = write_clip_tokenizer(save_with_processor(model, root / "clip_joint", processor))
     with torch.no_grad():
         for p in model.text_model.parameters():
             p.add_(0.5)
         model.text_projection.weight.mul_(2)
-    text = save_with_processor(model, root / "clip_text_changed", processor)
+    text = write_clip_tokenizer(save_with_processor(model, root / "clip_text_changed", processor))
     with torch.no_grad():
         model.vision_model.encoder.layers[2].mlp.fc2.bias.add_(1e-3)
     vision = save_with_processor(model, root / "clip_vision_changed", processor)
-    return {"base": base, "text": text, "vision": vision}
+    return {"base": base, "joint": joint, "text": text, "vision": vision}
 
 
-def test_hf_clip_loads_only_the_image_tower_and_lists_layers(clip_dirs):
-    backbone = make_backbone(hf_cfg(clip_dirs["base"]))
+def features(output) -> torch.Tensor:
+    """get_*_features' result: a tensor (transformers 4) or an output's pooler_output (5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def test_hf_clip_without_a_tokenizer_loads_only_the_image_tower(clip_dirs, caplog):
+    with caplog.at_level("WARNING"):
+        backbone = make_backbone(hf_cfg(clip_dirs["base"]))
+    assert "loading its image tower only" in caplog.text and "vocab.json" in caplog.text
+    assert not hasattr(backbone, "encode_text")
+    with pytest.raises(AttributeError, match="no text tower"):
+        backbone.encode_text(["a dog"])
     layers = backbone.layers()
     assert [info.index for info in layers] == [0, 1, 2]
     assert all(info.n_tokens == 17 and info.d_model == 32 for info in layers)  # 4x4 + CLS
@@ -100,9 +137,10 @@ def test_hf_capture_equals_the_models_hidden_states(clip_dirs):
 
 def test_text_tower_changes_keep_the_image_fingerprint(clip_dirs):
     base = make_backbone(hf_cfg(clip_dirs["base"])).fingerprint()
+    joint = make_backbone(hf_cfg(clip_dirs["joint"])).fingerprint()
     text = make_backbone(hf_cfg(clip_dirs["text"])).fingerprint()
     vision = make_backbone(hf_cfg(clip_dirs["vision"])).fingerprint()
-    assert base == text
+    assert base == joint == text  # the text tower and the projections never count
     assert vision != base
     warning = same_image_tower_warning(
         {"clip_vit_b32": base, "reclip_vit_b32": text, "other": vision}
@@ -111,6 +149,111 @@ def test_text_tower_changes_keep_the_image_fingerprint(clip_dirs):
     assert "clip_vit_b32 and reclip_vit_b32" in warning and "noise" in warning
     assert "other" not in warning
     assert same_image_tower_warning({"clip_vit_b32": base, "other": vision}) is None
+
+
+def test_hf_clip_with_a_tokenizer_has_the_joint_space_of_get_features(clip_dirs):
+    backbone = make_backbone(hf_cfg(clip_dirs["text"]))
+    reference = transformers.CLIPModel.from_pretrained(clip_dirs["text"]).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(clip_dirs["text"])
+    long = "a large brown dog running on the green grass of a park next to a small red ball"
+    texts = ["a photo of a dog.", "", long]
+    tokens = tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    assert tokens["input_ids"][2, -1] == EOS  # truncated, yet still ends where CLIP pools
+    with torch.no_grad():
+        expected = features(reference.get_text_features(**tokens))
+    text = backbone.encode_text(texts)
+    assert text.shape == (3, 16)  # projection_dim
+    torch.testing.assert_close(text, expected)
+    # Padding is inert (up to float error: the batch has another shape).
+    torch.testing.assert_close(backbone.encode_text(texts[:1]), text[:1], atol=1e-4, rtol=1e-4)
+
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = features(reference.get_image_features(pixel_values=images))
+    torch.testing.assert_close(backbone.forward_edited(images, 2, None), expected)
+    # Layers and activations are those of the image-tower-only load of the same weights.
+    image_only = make_backbone(hf_cfg(clip_dirs["base"]))
+    assert [(i.n_tokens, i.d_model) for i in backbone.layers()] == [
+        (i.n_tokens, i.d_model) for i in image_only.layers()
+    ]
+    torch.testing.assert_close(backbone.capture(images, [1])[1], image_only.capture(images, [1])[1])
+
+
+def test_hf_clip_without_text_weights_loads_only_the_image_tower(clip_dirs, tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    for path in clip_dirs["joint"].iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    state = load_file(folder / "model.safetensors")
+    del state["text_projection.weight"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING"):
+        backbone = make_backbone(hf_cfg(folder))
+    assert "text_projection.weight" in caplog.text and "image tower only" in caplog.text
+    assert not hasattr(backbone, "encode_text")
+    assert backbone.fingerprint() == make_backbone(hf_cfg(clip_dirs["joint"])).fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ({"vocab_size": TINY_VOCAB - 10}, "but the text tower only"),
+        ({"eos_token_id": BOS}, "would not pool at its tokenizer's end-of-text"),
+        ({"eos_token_id": 2}, ""),  # legacy: pools at the highest id, which is the eos
+    ],
+)
+def test_hf_clip_text_tower_must_fit_its_tokenizer(tmp_path, caplog, text, why):
+    processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    write_clip_tokenizer(save_with_processor(tiny_clip_model(**text), tmp_path, processor))
+    with caplog.at_level("WARNING"):
+        backbone = make_backbone(hf_cfg(tmp_path))
+    assert hasattr(backbone, "encode_text") == (not why)
+    assert why in caplog.text
+
+
+@pytest.mark.skipif(not HIERARCAPS_IMAGES.is_dir(), reason="no ../shared/data/hierarcaps")
+def test_hierarcaps_joint_metrics_run_on_hf_clip(clip_dirs, tmp_path):
+    """evaluate.py backbone=reclip_vit_b32 dataset=hierarcaps, on the tiny CLIPModel."""
+    from hsae.config import CacheConfig, DatasetConfig
+    from hsae.evaluation import hierarchy_of_backbone
+
+    dataset = DatasetConfig(name="hierarcaps", path=str(HIERARCAPS_IMAGES), max_images=6)
+    metrics, path = hierarchy_of_backbone(
+        hf_cfg(clip_dirs["joint"]), dataset, CacheConfig(), "val", tmp_path, "cpu"
+    )
+    assert path.is_file()
+    assert -1 <= metrics["hier/kendall_tau"] <= 1
+    assert 0 <= metrics["hier/retrieval_precision"] <= 1
+    with pytest.raises(HsaeError, match="no text tower"):
+        hierarchy_of_backbone(
+            hf_cfg(clip_dirs["base"]), dataset, CacheConfig(), "val", tmp_path, "cpu"
+        )
+
+
+def test_spliced_zero_shot_runs_on_hf_clip(clip_dirs):
+    from hsae.control import spliced_zero_shot
+    from hsae.sae import TopKSAE
+
+    backbone = make_backbone(hf_cfg(clip_dirs["joint"]))
+    torch.manual_seed(0)
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    d = 32
+    perfect = TopKSAE(d_model=d, n_latents=2 * d, k=2 * d).eval()  # relu(x) - relu(-x) = x
+    with torch.no_grad():
+        perfect.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)]))
+        perfect.W_enc.copy_(perfect.W_dec.T)
+    null = TopKSAE(d_model=d, n_latents=8, k=1).eval()
+    with torch.no_grad():
+        null.W_dec.zero_()
+    names = ["dog", "cat", "truck"]
+    good = spliced_zero_shot(backbone, perfect, 1, "cls", images, labels, names)
+    bad = spliced_zero_shot(backbone, null, 1, "cls", images, labels, names)
+    assert good["fidelity/zero_shot/spliced"] == good["fidelity/zero_shot/original"]
+    assert bad["fidelity/zero_shot/spliced"] == bad["fidelity/zero_shot/ablated"]
 
 
 def test_open_clip_and_hf_clip_with_the_same_weights_agree(tmp_path, tiny_backbone):
@@ -168,6 +311,7 @@ def test_hf_vit_and_dinov2(tmp_path):
         images = torch.randn(2, 3, 32, 32)
         hidden = backbone.model(pixel_values=images, output_hidden_states=True).hidden_states
         torch.testing.assert_close(backbone.capture(images, [1])[1], hidden[2])
+        assert not hasattr(backbone, "encode_text")
     assert make_backbone(hf_cfg(vit_dir)).pre.resize_mode == "squash"
 
 
@@ -177,6 +321,7 @@ def test_hf_checkpoint_without_processor_uses_the_standard_one(tmp_path, caplog)
     with caplog.at_level("WARNING"):
         backbone = make_backbone(hf_cfg(tmp_path / "bare"))
     assert "no preprocessor_config.json" in caplog.text
+    assert "image tower only" not in caplog.text and not hasattr(backbone, "encode_text")
     assert backbone.pre.size == (32, 32) and backbone.pre.interpolation == "bicubic"
 
 
