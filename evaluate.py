@@ -45,6 +45,8 @@ def main(cfg_dict: DictConfig) -> None:
         cfg.reference,
         cfg.n_top,
         cfg.control,
+        cfg.names,
+        cfg.names_vocab,
     )
     print(format_table(metrics))
     print(f"wrote {cfg.run_dir}/eval.json")

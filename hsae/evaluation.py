@@ -27,6 +27,7 @@ from hsae.errors import HsaeError
 from hsae.metrics import make_sae_metrics
 from hsae.metrics.sae import max_decoder_cosine
 from hsae.sae import WEIGHTS_FILE, load_sae
+from hsae.sae.base import SparseAutoencoder
 
 log = logging.getLogger(__name__)
 
@@ -156,38 +157,35 @@ def interpretability(
 def control_metrics(
     sae: torch.nn.Module, cache: ActivationCache, images: ImagePass, cfg: dict, split: str,
     n_latents: int = 16, n_images: int = 128, multiple: float = 2.0, level: int = 0,
-    seed: int = 0, device: torch.device | str = "cpu",
+    seed: int = 0, device: torch.device | str = "cpu", backbone: Any = None,
 ) -> dict[str, float]:  # fmt: skip
     """Steer the run's backbone with its most label-pure latents (hsae.control): each is
     clamped to ``multiple`` x its maximum activation on images of other classes, and a
     linear readout of the tower's output (fit on other images) says whether the prediction
     at hierarchy level ``level`` moves to the latent's class. For a backbone with a text
-    tower, also CLIP zero-shot accuracy at that level with the SAE spliced in."""
-    from hsae.backbones import make_backbone
+    tower, also CLIP zero-shot accuracy at that level with the SAE spliced in. ``backbone``:
+    the run's backbone when the caller has built it already (``make_run_backbone``)."""
     from hsae.config import BackboneConfig
     from hsae.control import clamp_hit_rate, fit_readout, spliced_zero_shot
     from hsae.data import make_dataset
+    from hsae.metrics.interp import top_class
 
     backbone_cfg = BackboneConfig(**cfg["backbone"])
-    backbone = make_backbone(backbone_cfg)
-    backbone.model.to(device)
+    if backbone is None:
+        backbone = make_run_backbone(cfg, device)
     dataset = make_dataset(DatasetConfig(**cfg["dataset"]), split)
     dataset.transform = backbone.preprocess
     labels_n = torch.as_tensor(cache.labels_nl[images.image_ids, level])
     n_classes = cache.hierarchy.n_classes(level)
     # Each latent's class: the majority label of the images it fires on most.
     acts = images.acts_ik
-    top = acts.topk(min(20, len(acts)), dim=0)
-    fired = top.values > 0
-    top_labels = labels_n[top.indices]  # [top, k]
-    counts = torch.stack([((top_labels == c) & fired).sum(dim=0) for c in range(n_classes)])
-    purity = counts.max(dim=0).values / fired.sum(dim=0).clamp_min(1)
-    eligible = fired.sum(dim=0) >= 5
-    order = torch.argsort(torch.where(eligible, purity, -1.0), descending=True)
+    top = top_class(acts, labels_n, n_classes, n_top=20)
+    eligible = top.n_fired_k >= 5
+    order = torch.argsort(torch.where(eligible, top.purity_k, -1.0), descending=True)
     latents = [int(j) for j in order[:n_latents] if eligible[j]]
     if not latents:
         raise HsaeError("no latent fires on 5 or more images; control needs active latents")
-    classes = [int(counts[:, j].argmax()) for j in latents]
+    classes = [int(top.class_k[j]) for j in latents]
     values = [multiple * float(acts[:, j].max()) for j in latents]
 
     rng = np.random.default_rng(seed)
@@ -218,6 +216,82 @@ def control_metrics(
     return out
 
 
+def make_run_backbone(cfg: dict, device: torch.device | str) -> Any:
+    """The run's backbone (``cfg.json``'s ``backbone``), on ``device``."""
+    from hsae.backbones import make_backbone
+    from hsae.config import BackboneConfig
+
+    backbone = make_backbone(BackboneConfig(**cfg["backbone"]))
+    backbone.model.to(device)
+    return backbone
+
+
+def read_vocabulary(path: str | Path) -> list[str]:
+    """``names_vocab``: one entry per line, used as written (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HsaeError(
+            f"names_vocab={path} is not a file; pass a text file with one vocabulary entry per "
+            "line, or names_vocab=null to name latents by the dataset's class names"
+        )
+    entries = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not entries:
+        raise HsaeError(f"names_vocab={path} has no entries; write one entry per line")
+    return entries
+
+
+@torch.no_grad()
+def _encode_text(backbone: Any, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([
+        backbone.encode_text(texts[s : s + batch_size]).float().cpu()
+        for s in range(0, len(texts), batch_size)
+    ])  # fmt: skip
+
+
+def automatic_names(
+    sae: SparseAutoencoder, cache: ActivationCache, images: ImagePass, cfg: dict, split: str,
+    backbone: Any, vocabulary: list[str] | None = None, n_top: int = 50, seed: int = 0,
+    max_images: int = 2048, batch_size: int = 64, template: str = "a photo of a {}.",
+) -> tuple[dict[str, float], dict[str, Any]]:  # fmt: skip
+    """Names latents in the joint image-text space of a backbone with a text tower
+    (``hsae.metrics.interp.name_report``): a ridge map from the hooked layer's features
+    (the SAE's inputs, pooled per image) to the tower's final image embedding is fit on up
+    to ``max_images`` images of the split (seeded), and carries each decoder row into the
+    joint space, where the nearest class name (prompt ``template``) or ``vocabulary`` entry
+    names it. Returns the metrics (``interp/names_map_r2``: the map's held-out R^2) and
+    the per-latent table ``{"columns", "rows"}``."""
+    from hsae.data import make_dataset
+    from hsae.metrics.interp import fit_joint_map, name_report
+
+    device = next(backbone.model.parameters()).device
+    dataset = make_dataset(DatasetConfig(**cfg["dataset"]), split)
+    dataset.transform = backbone.preprocess
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(images.image_ids))[:max_images])
+    layer = cfg["backbone"]["layer"]
+    emb = []
+    for start in range(0, len(chosen), batch_size):
+        ids = images.image_ids[chosen[start : start + batch_size]]
+        batch = torch.stack([dataset[int(i)][0] for i in ids]).to(device)
+        emb.append(backbone.forward_edited(batch, layer, None).float().cpu())
+    joint = fit_joint_map(images.feats_id[torch.as_tensor(chosen)], torch.cat(emb), seed=seed)
+    hierarchy = cache.hierarchy
+    class_text = [
+        _encode_text(backbone, [template.format(c) for c in names])
+        for names in hierarchy.class_names
+    ]
+    report = name_report(
+        sae.decoder_rows().detach().float().cpu(), joint.map_de, images.acts_ik,
+        cache.labels_nl[images.image_ids], hierarchy, class_text, vocabulary,
+        None if vocabulary is None else _encode_text(backbone, vocabulary), n_top=n_top,
+    )  # fmt: skip
+    log.info(
+        "names: joint-space map fit on %d images, held-out R^2 %.3f (ridge %.0e)",
+        len(chosen), joint.r2, joint.ridge,
+    )  # fmt: skip
+    metrics = {"interp/names_map_r2": joint.r2, **report.metrics}
+    return metrics, {"columns": report.columns, "rows": report.rows}
+
+
 def evaluate_run(
     run_dir: str | Path,
     split: str = "val",
@@ -227,12 +301,16 @@ def evaluate_run(
     reference: str = "pixels",
     n_top: int = 50,
     control: bool = True,
+    names: bool = True,
+    names_vocab: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Every metric that applies to the run, on a cached split; writes ``eval.json``."""
+    """Every metric that applies to the run, on a cached split; writes ``eval.json`` (with
+    the per-latent names under ``latents`` when the backbone has a text tower)."""
     run_dir = Path(run_dir).resolve()
     cfg = read_run_cfg(run_dir)
     if split not in cfg["cache"]:
         raise HsaeError(f"split={split!r} has no cache in this run; valid: {sorted(cfg['cache'])}")
+    vocabulary = read_vocabulary(names_vocab) if names_vocab is not None and names else None
     dev = resolve_device(device)
     sae = load_sae(run_dir).to(dev).eval()
     cache = ActivationCache.open(cfg["cache"][split])
@@ -252,29 +330,55 @@ def evaluate_run(
         metrics |= interp_values
     else:
         skipped["interp/*, fidelity/*"] = "interp=false"
+    # One backbone for names and control (building it can cost as much as using it).
+    no_backbone = cfg["dataset"]["name"] == "activations"
+    backbone: Any = None
+    if not no_backbone and (control or (interp and names)):
+        backbone = make_run_backbone(cfg, dev)
+    latents_table = None
+    if interp:  # without it, "interp/*" is skipped already
+        if not names:
+            skipped["interp/name*"] = "names=false"
+        elif no_backbone:
+            skipped["interp/name*"] = "no backbone: the run trained on an activations file"
+        elif not hasattr(backbone, "encode_text"):
+            skipped["interp/name*"] = (
+                f"{backbone.name} has no text tower (names need a CLIP-like backbone: open_clip)"
+            )
+        else:
+            names_values, latents_table = automatic_names(
+                sae, cache, images, cfg, split, backbone, vocabulary, n_top, cfg.get("seed", 0)
+            )
+            metrics |= names_values
     if not control:
         skipped["control/*"] = "control=false"
-    elif cfg["dataset"]["name"] == "activations":
+    elif no_backbone:
         skipped["control/*"] = "no backbone: the run trained on an activations file"
     else:
         metrics |= control_metrics(
-            sae, cache, images, cfg, split, seed=cfg.get("seed", 0), device=dev
-        )
+            sae, cache, images, cfg, split, seed=cfg.get("seed", 0), device=dev,
+            backbone=backbone,
+        )  # fmt: skip
     for name, why in skipped.items():
         log.info("skipped %s: %s", name, why)
+    record: dict[str, Any] = {"split": split, "metrics": metrics, "skipped": skipped}
+    if latents_table is not None:
+        record["latents"] = latents_table
     tmp = run_dir / ".eval.json.tmp"
-    tmp.write_text(
-        json.dumps({"split": split, "metrics": metrics, "skipped": skipped}, indent=2) + "\n"
-    )
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(run_dir / "eval.json")
-    _log_eval_to_wandb(run_dir, cfg, metrics)
+    media = {"latents/names": latents_table} if latents_table is not None else None
+    _log_eval_to_wandb(run_dir, cfg, metrics, media)
     return metrics
 
 
-def _log_eval_to_wandb(run_dir: Path, cfg: dict, metrics: dict[str, float]) -> None:
+def _log_eval_to_wandb(
+    run_dir: Path, cfg: dict, metrics: dict[str, float], media: dict[str, Any] | None = None
+) -> None:
     """When the run was tracked in W&B, its evaluation becomes a W&B run of job_type
     ``eval`` in the same project and group, named ``<run name>/eval``, with the run's flat
-    config, so the dashboard puts step-3 metrics next to training's."""
+    config, so the dashboard puts step-3 metrics next to training's (and ``media``, e.g.
+    the per-latent names table ``latents/names``)."""
     from hsae.config import LoggerConfig, flatten
     from hsae.tracking import log_standalone_run
 
@@ -287,8 +391,9 @@ def _log_eval_to_wandb(run_dir: Path, cfg: dict, metrics: dict[str, float]) -> N
     name = f"{tracking.get('name') or run_dir.name}/eval"
     config_flat = flatten(cfg["config"])
     log_standalone_run(
-        logger_cfg, run_dir / "eval", name, tracking.get("group"), "eval", config_flat, metrics
-    )
+        logger_cfg, run_dir / "eval", name, tracking.get("group"), "eval", config_flat, metrics,
+        media,
+    )  # fmt: skip
 
 
 def hierarchy_of_backbone(
@@ -365,7 +470,9 @@ def hierarcaps_of_backbone(
     if not hasattr(backbone, "encode_text"):
         raise HsaeError(
             f"dataset=hierarcaps measures the joint image-text space, but {backbone.name} has no "
-            "text tower here (use an open_clip backbone, e.g. clip_vit_b32 or tiny_vit)"
+            "text tower here (use an open_clip CLIP, e.g. clip_vit_b32 or tiny_vit, or a Hugging "
+            "Face CLIPModel checkpoint with its text weights and tokenizer, e.g. reclip_vit_b32; "
+            "the hf loader logs why it loaded only the image tower)"
         )
     image_dir = Path(dataset_cfg.path)
     data = load_hierarcaps(image_dir.parent / HIERARCAPS_CSV, image_dir)
