@@ -118,3 +118,13 @@ def test_topk_sparse_eval_and_autocast():
     # float32 master weights get float32 gradients; bf16 values stay close to float32's.
     assert all(p.grad.dtype == torch.float32 for p in sparse.parameters())
     torch.testing.assert_close(out.x_hat.float(), dense(x).x_hat, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("n_chunks", [1, 4, 24, 7])
+def test_two_stage_topk_selects_the_same_latents(n_chunks):
+    from hsae.sae.sparse import two_stage_topk
+
+    pre = torch.randn(50, 96 * 4, dtype=torch.float64)  # no ties
+    got = two_stage_topk(pre, 8, n_chunks).sort(dim=-1).values
+    want = pre.topk(8, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(got, want)
