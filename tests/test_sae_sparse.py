@@ -128,3 +128,48 @@ def test_two_stage_topk_selects_the_same_latents(n_chunks):
     got = two_stage_topk(pre, 8, n_chunks).sort(dim=-1).values
     want = pre.topk(8, dim=-1).indices.sort(dim=-1).values
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "arch, extra",
+    [
+        ("batchtopk", {}),
+        ("matryoshka", {}),
+        ("matryoshka", {"activation": "topk"}),
+        ("matryoshka", {"n_random_prefixes": 3}),
+    ],
+    ids=["batchtopk", "matryoshka", "matryoshka_topk", "matryoshka_random_prefixes"],
+)
+@pytest.mark.parametrize("with_dead", [False, True], ids=["no_auxk", "auxk"])
+def test_batch_selections_sparse_step_equals_dense_step(arch, extra, with_dead):
+    from hsae.sae import make_sae
+
+    kwargs = dict(d_model=16, n_latents=96, k=4, k_aux=8, dead_tokens_threshold=50, **extra)
+    torch.manual_seed(4)
+    sparse = make_sae(arch, **kwargs)
+    dense = make_sae(arch, **kwargs)
+    dense.load_state_dict(sparse.state_dict())
+    dense.sparse_kernels = False
+    if with_dead:
+        for sae in (sparse, dense):
+            sae.rows_since_fired[::3] = 1000
+    # Skewed rows: BatchTopK gives some rows many more latents than others (padding).
+    x = torch.randn(64, 16) * torch.linspace(0.2, 4, 64)[:, None] + 1
+    outs = []
+    for sae in (sparse, dense):
+        torch.manual_seed(5)  # the same random prefixes on both sides
+        outs.append(sae(x))
+        outs[-1].loss.backward()
+    out_s, out_d = outs
+    torch.testing.assert_close(out_s.loss, out_d.loss)
+    torch.testing.assert_close(out_s.recon_loss, out_d.recon_loss)
+    torch.testing.assert_close(out_s.x_hat, out_d.x_hat)
+    torch.testing.assert_close(out_s.codes, out_d.codes.detach())
+    for (name, p_s), p_d in zip(sparse.named_parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(p_s.grad, p_d.grad, msg=f"gradient of {name}")
+    for (name, b_s), b_d in zip(sparse.named_buffers(), dense.buffers(), strict=True):
+        torch.testing.assert_close(b_s, b_d, msg=f"buffer {name}")
+    # Rows do take different numbers of latents: the padded selection was exercised.
+    counts = (out_s.codes != 0).sum(dim=1)
+    if arch == "batchtopk" or extra.get("activation", "batchtopk") == "batchtopk":
+        assert counts.max() > counts.min()

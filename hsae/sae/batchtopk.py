@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from hsae.sae.base import ForwardOutput, batch_topk_codes, check_fraction, normalized_mse
+from hsae.sae.sparse import batch_topk_indices
 from hsae.sae.topk import TopKSAE
 
 
@@ -79,7 +80,17 @@ class BatchTopKSAE(ThresholdMixin, TopKSAE):
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._sparsify(self.pre_acts(x), self.k)
 
-    def _forward(self, x: torch.Tensor) -> ForwardOutput:
+    def _use_sparse(self) -> bool:
+        # The batch selection runs sparse; the inference threshold is a dense comparison.
+        return self.sparse_kernels and (self.training or self.n_threshold_updates == 0)
+
+    def _sparse_selection(self, pre_nl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return batch_topk_indices(pre_nl, self.k)
+
+    def _observe_codes(self, codes_nl: torch.Tensor) -> None:
+        self._update_threshold(codes_nl)
+
+    def _forward_dense(self, x: torch.Tensor) -> ForwardOutput:
         dead_l = self.dead_latents()
         pre_nl = self.pre_acts(x)
         codes = self._sparsify(pre_nl, self.k)

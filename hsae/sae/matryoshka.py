@@ -27,6 +27,7 @@ import torch
 from hsae.errors import HsaeError
 from hsae.sae.base import ForwardOutput, normalized_mse, topk_codes
 from hsae.sae.batchtopk import ThresholdMixin
+from hsae.sae.sparse import batch_topk_indices, sparse_decode
 from hsae.sae.topk import TopKSAE
 
 ACTIVATIONS = ("batchtopk", "topk")
@@ -120,7 +121,31 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
             start = end
         return recons
 
-    def _forward(self, x: torch.Tensor) -> ForwardOutput:
+    def _use_sparse(self) -> bool:
+        if self.activation == "topk":
+            return self.sparse_kernels
+        return self.sparse_kernels and (self.training or self.n_threshold_updates == 0)
+
+    def _sparse_selection(self, pre_nl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.activation == "topk":
+            return super()._sparse_selection(pre_nl)
+        return batch_topk_indices(pre_nl, self.k)
+
+    def _sparse_reconstructions(
+        self, values_nw: torch.Tensor, indices_nw: torch.Tensor
+    ) -> list[torch.Tensor]:
+        # Prefix m keeps the active latents below m: the same k decoder rows per input row,
+        # masked, instead of a dense product per group.
+        return [
+            sparse_decode(values_nw * (indices_nw < end), indices_nw, self.W_dec) + self.b_pre
+            for end in self.prefix_ends()
+        ]
+
+    def _observe_codes(self, codes_nl: torch.Tensor) -> None:
+        if self.activation == "batchtopk":
+            self._update_threshold(codes_nl)
+
+    def _forward_dense(self, x: torch.Tensor) -> ForwardOutput:
         dead_l = self.dead_latents()
         pre_nl = self.pre_acts(x)
         codes = self._select(pre_nl)

@@ -173,3 +173,23 @@ def two_stage_topk(pre_nl: torch.Tensor, k: int, n_chunks: int) -> torch.Tensor:
     candidates = (local.indices + offsets).view(n, -1)
     best = local.values.view(n, -1).topk(k, dim=-1, sorted=False).indices
     return candidates.gather(-1, best)
+
+
+def batch_topk_indices(pre_nl: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchTopK's selection (the ``k * n`` largest ReLU'd entries of the batch, as
+    ``hsae.sae.base.batch_topk_codes``) as per-row indices ``[n, w]`` padded to the widest
+    row's count ``w``, with a mask of the real entries (padding: index 0, mask False)."""
+    n, width = pre_nl.shape
+    flat = pre_nl.relu().flatten().topk(min(k * n, pre_nl.numel()), sorted=False).indices
+    rows, cols = flat // width, flat % width
+    order = rows.argsort(stable=True)
+    rows, cols = rows[order], cols[order]
+    counts = torch.bincount(rows, minlength=n)
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(len(rows), device=pre_nl.device) - starts[rows]
+    widest = int(counts.max())
+    indices = torch.zeros(n, widest, dtype=torch.long, device=pre_nl.device)
+    mask = torch.zeros(n, widest, dtype=torch.bool, device=pre_nl.device)
+    indices[rows, slot] = cols
+    mask[rows, slot] = True
+    return indices, mask

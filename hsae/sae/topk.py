@@ -76,31 +76,59 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         return codes @ self.W_dec + self.b_pre
 
     def _forward(self, x: torch.Tensor) -> ForwardOutput:
-        return self._forward_sparse(x) if self.sparse_kernels else self._forward_dense(x)
+        return self._forward_sparse(x) if self._use_sparse() else self._forward_dense(x)
+
+    # ---- the sparse step; BatchTopK and Matryoshka reuse it with their own selection ----
+
+    def _use_sparse(self) -> bool:
+        return self.sparse_kernels
+
+    def _sparse_selection(self, pre_nl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[n, w]`` indices of each row's active latents, and a mask of the real entries
+        when rows are padded to one width (None: all real)."""
+        return pre_nl.topk(min(self.k, self.n_latents), dim=-1, sorted=False).indices, None
+
+    def _sparse_reconstructions(
+        self, values_nw: torch.Tensor, indices_nw: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Reconstructions the loss averages over (the full one last)."""
+        return [sparse_decode(values_nw, indices_nw, self.W_dec) + self.b_pre]
+
+    def _observe_codes(self, codes_nl: torch.Tensor) -> None:
+        """Training-time statistics of the selected codes (BatchTopK's threshold)."""
 
     def _forward_sparse(self, x: torch.Tensor) -> ForwardOutput:
         dead_l = self.dead_latents()
         with torch.no_grad():  # the one dense product; gradients come from gathered_pre_acts
             pre_nl = self.pre_acts(x)
-            indices = pre_nl.topk(min(self.k, self.n_latents), dim=-1, sorted=False).indices
+            indices, mask = self._sparse_selection(pre_nl)
             aux_indices = self._auxk_indices(pre_nl, dead_l)
             both = indices if aux_indices is None else torch.cat([indices, aux_indices], dim=1)
         acts = gathered_pre_acts(x, self.b_pre, self.W_enc, self.b_enc, both, pre_nl).relu()
-        values = acts[:, : indices.shape[1]]
-        x_hat = sparse_decode(values, indices, self.W_dec) + self.b_pre
+        width = indices.shape[1]
+        values = acts[:, :width] if mask is None else acts[:, :width] * mask
+        recons = self._sparse_reconstructions(values, indices)
+        x_hat = recons[-1]
         recon = normalized_mse(x_hat, x)
+        main = (
+            recon
+            if len(recons) == 1
+            else torch.stack([normalized_mse(r, x) for r in recons]).mean()
+        )
         aux = None
         if aux_indices is not None:
-            aux_recon = sparse_decode(acts[:, indices.shape[1] :], aux_indices, self.W_dec)
+            aux_recon = sparse_decode(acts[:, width:], aux_indices, self.W_dec)
             aux = self.aux_coeff * normalized_mse(aux_recon, (x - x_hat).detach())
         with torch.no_grad():
-            codes = torch.zeros_like(pre_nl).scatter_(-1, indices, values.to(pre_nl.dtype))
+            # scatter_add: padding entries (index 0, value 0) must not overwrite latent 0.
+            codes = torch.zeros_like(pre_nl).scatter_add_(-1, indices, values.to(pre_nl.dtype))
             if self.training:
                 # Static shapes (no boolean indexing), so torch.compile keeps one graph.
                 hits = torch.zeros(self.n_latents, dtype=torch.int32, device=x.device)
                 hits.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).int())
                 self._mark_fired(hits > 0, x.shape[0])
-        loss = recon if aux is None else recon + aux
+                self._observe_codes(codes)
+        loss = main if aux is None else main + aux
         return ForwardOutput(x_hat=x_hat, codes=codes, loss=loss, recon_loss=recon, aux_loss=aux)
 
     def _forward_dense(self, x: torch.Tensor) -> ForwardOutput:
