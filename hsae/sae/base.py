@@ -3,12 +3,15 @@ helpers, the sparsifying activations and the AuxK loss for dead latents."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from hsae.errors import HsaeError
@@ -31,9 +34,47 @@ class ForwardOutput(NamedTuple):
     """Sparsity penalty as added to ``loss`` (L1 or L0, coefficient and warm-up applied)."""
 
 
+_GLOBAL_BATCH: ContextVar[bool] = ContextVar("hsae_global_batch", default=False)
+
+
+@contextlib.contextmanager
+def global_batch() -> Iterator[None]:
+    """Inside, a DDP rank's batch statistics are those of the global batch (all ranks'
+    rows): the FVU's denominator, the rows a latent went without firing, BatchTopK's
+    smallest kept activation. Each rank's loss is then its exact share of the loss one
+    process computes on the whole batch, so DDP's gradient average equals that process's
+    gradient. Every rank must run the same steps (they do: same config, same seed, and DDP
+    broadcasts rank 0's buffers). Without an initialised process group it changes nothing."""
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    token = _GLOBAL_BATCH.set(active)
+    try:
+        yield
+    finally:
+        _GLOBAL_BATCH.reset(token)
+
+
 def batch_variance(x: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance of a row to the batch mean (the denominator of the FVU)."""
+    """Mean squared distance of a row to the batch mean (the denominator of the FVU); of
+    the global batch inside ``global_batch`` under DDP (``x`` is then a target: no gradient
+    flows through the statistic)."""
+    if _GLOBAL_BATCH.get():
+        with torch.no_grad():
+            rows = x.detach().double()
+            n_rows = rows.new_ones(1) * len(rows)
+            stats = torch.cat([rows.sum(dim=0), rows.pow(2).sum().view(1), n_rows])
+            dist.all_reduce(stats)
+            n = stats[-1]
+            variance = stats[-2] / n - (stats[:-2] / n).pow(2).sum()
+            return variance.clamp_min(1e-12).to(x.dtype)
     return (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+
+
+def global_min(value: torch.Tensor) -> torch.Tensor:
+    """The smallest of every rank's ``value`` (a scalar) inside ``global_batch``."""
+    if _GLOBAL_BATCH.get():
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
 
 
 def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -346,6 +387,10 @@ class AuxKMixin:
 
     @torch.no_grad()
     def _mark_fired(self, fired_l: torch.Tensor, n_rows: int) -> None:
+        if _GLOBAL_BATCH.get():  # fired on any rank; rows of the global batch
+            stats = torch.cat([fired_l.long(), fired_l.new_tensor([n_rows], dtype=torch.long)])
+            dist.all_reduce(stats)
+            fired_l, n_rows = stats[:-1] > 0, int(stats[-1])
         self.rows_since_fired.add_(n_rows).masked_fill_(fired_l, 0)
 
     @torch.no_grad()

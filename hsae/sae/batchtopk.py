@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from hsae.sae.base import ForwardOutput, batch_topk_codes, check_fraction, normalized_mse
+from hsae.sae.base import (
+    ForwardOutput,
+    batch_topk_codes,
+    check_fraction,
+    global_min,
+    normalized_mse,
+)
 from hsae.sae.sparse import batch_topk_indices
 from hsae.sae.topk import TopKSAE
 
@@ -34,10 +40,11 @@ class ThresholdMixin:
 
     @torch.no_grad()
     def _update_threshold(self, codes_nl: torch.Tensor) -> None:
-        positive = codes_nl[codes_nl > 0]
-        if positive.numel() == 0:
+        positive = codes_nl.masked_fill(codes_nl <= 0, float("inf"))
+        # Under DDP, the global batch's smallest (every rank takes part, even with none).
+        smallest = global_min(positive.min()).to(self.threshold.dtype)
+        if not torch.isfinite(smallest):  # nothing kept was positive
             return
-        smallest = positive.min().to(self.threshold.dtype)
         if self.n_threshold_updates == 0:
             # The first estimate starts the average, rather than being pulled towards 0.
             self.threshold.copy_(smallest)

@@ -20,6 +20,7 @@ from torch import nn
 from hsae.errors import HsaeError
 from hsae.metrics import make_sae_metrics
 from hsae.sae import SparseAutoencoder, make_sae
+from hsae.sae.base import global_batch
 
 
 def default_lr(n_latents: int) -> float:
@@ -124,7 +125,8 @@ class SAEModule(L.LightningModule):
         for i, sae in enumerate(self.saes):
             if hasattr(sae, "set_progress"):  # sparsity-coefficient warm-up
                 sae.set_progress(self.global_step, int(self.trainer.estimated_stepping_batches))
-            with self._member_rng(i):
+            # Under DDP, batch statistics of the global batch: N ranks train like one process.
+            with self._member_rng(i), global_batch():
                 outputs.append(sae(batch))
         # The members' parameters are disjoint, so the gradient of the sum is, bit for bit,
         # each member's own gradient (d total / d loss_i = 1).
