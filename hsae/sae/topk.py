@@ -67,7 +67,7 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations of ``x`` in normalised units (``x / input_scale``)."""
-        return (x - self.b_pre) @ self.W_enc + self.b_enc
+        return torch.addmm(self.b_enc, x - self.b_pre, self.W_enc)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return topk_codes(self.pre_acts(x), self.k)
@@ -120,8 +120,9 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
             aux_recon = sparse_decode(acts[:, width:], aux_indices, self.W_dec)
             aux = self.aux_coeff * normalized_mse(aux_recon, (x - x_hat).detach())
         with torch.no_grad():
-            # scatter_add: padding entries (index 0, value 0) must not overwrite latent 0.
-            codes = torch.zeros_like(pre_nl).scatter_add_(-1, indices, values.to(pre_nl.dtype))
+            # The pre-activations are spent (gathered): their memory takes the codes. And
+            # scatter_add, as padding entries (index 0, value 0) must not overwrite latent 0.
+            codes = pre_nl.zero_().scatter_add_(-1, indices, values.to(pre_nl.dtype))
             if self.training:
                 # Static shapes (no boolean indexing), so torch.compile keeps one graph.
                 hits = torch.zeros(self.n_latents, dtype=torch.int32, device=x.device)

@@ -201,7 +201,8 @@ class SAEModule(L.LightningModule):
             [
                 {"params": list(sae.parameters()), "lr": lr}
                 for sae, lr in zip(self.saes, self.lrs, strict=True)
-            ]
+            ],
+            fused=self.device.type == "cuda",  # one kernel for all parameters
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, self.hparams.warmup_steps)
