@@ -9,6 +9,8 @@ Sides (tokens = rows per second, each over the same random batches):
   each decoder row removed, Adam, rows renormalised): the same math as hsae's default,
   through dense products.
 - hsae: ``TopKSAE`` with its sparse kernels (``hsae.sae.sparse``), the same step.
+- hsae triton (CUDA only): the same with the Triton kernels for the sparse gradients
+  (``HSAE_TRITON=1`` in training).
 - hsae compiled (``--compile``): the same, its forward through ``torch.compile``.
 - lightning (``--lightning``): hsae's default end to end, ``Trainer.fit`` of ``SAEModule``
   over a real activation cache (float16 shards) with the rows in memory (on the GPU when
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 
 from hsae.sae import TopKSAE
+from hsae.sae import sparse as sparse_mod
 from hsae.sae.sparse import two_stage_topk
 from hsae.training.module import SAEModule
 
@@ -89,8 +92,9 @@ def plain_side(args, device, batches):
     return step
 
 
-def hsae_side(args, device, sparse: bool, compile: bool = False):
+def hsae_side(args, device, sparse: bool, compile: bool = False, triton: bool = False):
     torch.manual_seed(0)
+    sparse_mod.USE_TRITON = triton  # the torch sparse ops unless asked
     sae = TopKSAE(args.d, args.latents, args.k, dead_tokens_threshold=10**12).to(device)
     sae.sparse_kernels = sparse
     if args.dead:
@@ -243,6 +247,8 @@ def main() -> None:
         "hsae dense": lambda: hsae_side(args, device, sparse=False),
         "hsae": lambda: hsae_side(args, device, sparse=True),
     }
+    if device.type == "cuda":
+        sides["hsae triton"] = lambda: hsae_side(args, device, sparse=True, triton=True)
     if args.compile:
         sides["hsae compiled"] = lambda: hsae_side(args, device, sparse=True, compile=True)
     seconds: dict[str, list[float]] = {name: [] for name in sides}

@@ -45,3 +45,20 @@ def tiny_backbone():
     return make_backbone(
         BackboneConfig(name="tiny_vit", model_name="hsae-tiny-vit", d_model=128, layer=2)
     )
+
+
+def perfect_and_null_sae(d: int):
+    """A TopK SAE that reconstructs any input exactly (``relu(x) - relu(-x) = x``) and one
+    that reconstructs nothing: the two ends of every splice-in fidelity metric."""
+    import torch
+
+    from hsae.sae import TopKSAE
+
+    perfect = TopKSAE(d_model=d, n_latents=2 * d, k=2 * d).eval()
+    with torch.no_grad():
+        perfect.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)]))
+        perfect.W_enc.copy_(perfect.W_dec.T)
+    null = TopKSAE(d_model=d, n_latents=8, k=1).eval()
+    with torch.no_grad():
+        null.W_dec.zero_()
+    return perfect, null

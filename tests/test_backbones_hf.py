@@ -16,6 +16,7 @@ import torch
 from hsae.backbones import make_backbone, same_image_tower_warning
 from hsae.config import BackboneConfig
 from hsae.errors import HsaeError
+from tests.conftest import perfect_and_null_sae
 from tests.test_backbones_adapters import HIERARCAPS_IMAGES, hierarcaps_image
 
 transformers = pytest.importorskip("transformers")
@@ -236,19 +237,12 @@ def test_hierarcaps_joint_metrics_run_on_hf_clip(clip_dirs, tmp_path):
 
 def test_spliced_zero_shot_runs_on_hf_clip(clip_dirs):
     from hsae.control import spliced_zero_shot
-    from hsae.sae import TopKSAE
 
     backbone = make_backbone(hf_cfg(clip_dirs["joint"]))
     torch.manual_seed(0)
     images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
     d = 32
-    perfect = TopKSAE(d_model=d, n_latents=2 * d, k=2 * d).eval()  # relu(x) - relu(-x) = x
-    with torch.no_grad():
-        perfect.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)]))
-        perfect.W_enc.copy_(perfect.W_dec.T)
-    null = TopKSAE(d_model=d, n_latents=8, k=1).eval()
-    with torch.no_grad():
-        null.W_dec.zero_()
+    perfect, null = perfect_and_null_sae(d)
     names = ["dog", "cat", "truck"]
     good = spliced_zero_shot(backbone, perfect, 1, "cls", images, labels, names)
     bad = spliced_zero_shot(backbone, null, 1, "cls", images, labels, names)

@@ -8,6 +8,7 @@ from hsae.control import clamp_edit, clamp_hit_rate, fit_readout, latent_directi
 from hsae.data.synthetic import SyntheticShapes
 from hsae.errors import HsaeError
 from hsae.sae import TopKSAE
+from tests.conftest import perfect_and_null_sae
 
 LAYER = 2
 
@@ -109,13 +110,7 @@ def test_zero_shot_with_a_perfect_sae_equals_the_original_and_a_null_sae_the_abl
 
     images, labels, _ = setup
     d = 128
-    perfect = TopKSAE(d_model=d, n_latents=2 * d, k=2 * d).eval()  # relu(x) - relu(-x) = x
-    with torch.no_grad():
-        perfect.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)]))
-        perfect.W_enc.copy_(perfect.W_dec.T)
-    null = TopKSAE(d_model=d, n_latents=8, k=1).eval()
-    with torch.no_grad():
-        null.W_dec.zero_()
+    perfect, null = perfect_and_null_sae(d)
     names = list(HIERARCHY.class_names[0])
     good = spliced_zero_shot(tiny_backbone, perfect, LAYER, "cls", images, labels, names)
     bad = spliced_zero_shot(tiny_backbone, null, LAYER, "cls", images, labels, names)

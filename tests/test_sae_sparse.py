@@ -173,3 +173,21 @@ def test_batch_selections_sparse_step_equals_dense_step(arch, extra, with_dead):
     counts = (out_s.codes != 0).sum(dim=1)
     if arch == "batchtopk" or extra.get("activation", "batchtopk") == "batchtopk":
         assert counts.max() > counts.min()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch_ops", "triton"])
+def test_sparse_step_on_gpu_equals_dense(use_triton, monkeypatch):
+    monkeypatch.setattr(sparse_mod, "USE_TRITON", use_triton)
+    sparse, dense = _pair(d_model=64, n_latents=1024, k=16, k_aux=32, dead_tokens_threshold=50)
+    sparse.cuda(), dense.cuda()
+    for sae in (sparse, dense):
+        sae.rows_since_fired[::5] = 1000
+    x = torch.randn(512, 64, device="cuda") * 2 + 1
+    out_s, out_d = sparse(x), dense(x)
+    out_s.loss.backward()
+    out_d.loss.backward()
+    torch.testing.assert_close(out_s.loss, out_d.loss, rtol=1e-4, atol=1e-5)
+    for (name, p_s), p_d in zip(sparse.named_parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-3, atol=1e-5, msg=name)

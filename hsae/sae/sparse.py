@@ -16,11 +16,13 @@ sparse in truth:
 Both are ``torch.autograd.Function``s whose results equal the dense computation up to
 float rounding (``tests/test_sae_sparse.py`` checks the forward and every gradient against
 dense autograd). They run on any device with plain tensor ops; the ``[rows x k x d]``
-intermediates are built in chunks of at most ``CHUNK_ELEMENTS`` to bound memory.
+intermediates are built in chunks of at most ``CHUNK_ELEMENTS`` to bound memory. On a GPU,
+``HSAE_TRITON=1`` swaps in Triton kernels for the two backward products (``USE_TRITON``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -28,6 +30,21 @@ import torch.nn.functional as F
 
 CHUNK_ELEMENTS = 1 << 25
 """Largest ``rows x k x d`` intermediate built at once (128 MiB in float32)."""
+
+USE_TRITON = os.environ.get("HSAE_TRITON", "0") == "1"
+"""On CUDA tensors, compute ``row_dots`` and ``scatter_rows`` with the Triton kernels of
+``hsae.sae.triton_kernels`` (no ``rows x k x d`` intermediates, deterministic). Opt-in
+(``HSAE_TRITON=1``) until they are measured on a GPU: they are checked against these
+helpers in Triton's interpreter, not yet timed."""
+
+
+def _triton(*tensors: torch.Tensor):
+    """The Triton kernels module when they should serve these tensors, else None."""
+    if not (USE_TRITON and tensors[0].is_cuda):
+        return None
+    from hsae.sae import triton_kernels
+
+    return triton_kernels if triton_kernels.available() else None
 
 
 def _row_chunks(n_rows: int, k: int, d: int) -> list[slice]:
@@ -40,6 +57,9 @@ def row_dots(
 ) -> torch.Tensor:
     """``out[n, j] = <rows[n], table[indices[n, j]]>``: the gradient of a sparse decode's
     values, without the dense ``rows @ table.T``."""
+    kernels = _triton(rows_nd, indices_nk, table_ld)
+    if kernels is not None:
+        return kernels.row_dots_triton(rows_nd, indices_nk, table_ld)
     n, k = indices_nk.shape
     out = torch.empty(n, k, dtype=table_ld.dtype, device=table_ld.device)
     rows = rows_nd.to(table_ld.dtype)
@@ -63,6 +83,9 @@ def scatter_rows(
     """``out[l] = sum over (n, j) with indices[n, j] = l of values[n, j] * rows[n]``: the
     ``[n_out, d]`` product ``S.T @ rows`` of the sparse matrix ``S`` that ``values`` and
     ``indices`` describe, as a weight gradient."""
+    kernels = _triton(rows_nd, indices_nk, values_nk)
+    if kernels is not None:
+        return kernels.scatter_rows_triton(values_nk, indices_nk, rows_nd, n_out)
     n, k = indices_nk.shape
     d = rows_nd.shape[1]
     dtype = _accumulator(values_nk, rows_nd)
