@@ -70,6 +70,7 @@ def test_rows_in_memory_stay_in_the_storage_dtype(train_in_process, cache_dir, t
     torch.testing.assert_close(batch, cache.read(np.asarray(rows)), rtol=0, atol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_rows_move_to_the_gpu_when_they_fit(train_in_process, cache_dir, tmp_path):
     import lightning as L
