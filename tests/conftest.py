@@ -20,6 +20,19 @@ CONF_DIR = ROOT / "conf"
 TINY = ["experiment=smoke", "logger=csv"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is fastest, and on a shared machine several threads per
+    process spend their time waiting for each other (5x slower under load). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def compose():
     """``compose(overrides, config_name="train")`` -> the composed DictConfig."""

@@ -24,12 +24,7 @@ N_IMAGES, D, E = 1080, 48, 32
 COPIES = 3  # latents per class, so the agreement of random directions averages over many
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
