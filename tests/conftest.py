@@ -16,6 +16,20 @@ os.environ.setdefault("WANDB_SILENT", "true")
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 
+# Real photos for tests (../shared/data, beside the checkout, as in CI).
+HIERARCAPS_IMAGES = ROOT.parent / "shared" / "data" / "hierarcaps" / "images"
+
+
+def require_hierarcaps() -> Path:
+    """The HierarCaps photos; a missing copy fails the test (a skip would check nothing)."""
+    if not HIERARCAPS_IMAGES.is_dir():
+        pytest.fail(
+            f"no HierarCaps images at {HIERARCAPS_IMAGES}: the tests read the shared test data "
+            "in ../shared/data beside this checkout; clone the project next to it"
+        )
+    return HIERARCAPS_IMAGES
+
+
 # A run of a few seconds: 512 train / 256 val images, 2 epochs, CSV logs.
 TINY = ["experiment=smoke", "logger=csv"]
 
@@ -31,6 +45,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def hierarcaps() -> Path:
+    return require_hierarcaps()
 
 
 @pytest.fixture(scope="session")

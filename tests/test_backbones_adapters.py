@@ -16,9 +16,7 @@ from PIL import Image
 from hsae.backbones import make_backbone, select_tokens
 from hsae.config import BackboneConfig
 from hsae.errors import HsaeError
-from tests.conftest import ROOT
-
-HIERARCAPS_IMAGES = ROOT.parent / "shared" / "data" / "hierarcaps" / "images"
+from tests.conftest import require_hierarcaps
 
 # ---- timm ----------------------------------------------------------------------------
 
@@ -155,9 +153,7 @@ def test_torchvision_resnet_and_weights(tmp_path, tv_resnet18):
 
 
 def hierarcaps_image() -> Image.Image:
-    if not HIERARCAPS_IMAGES.is_dir():
-        pytest.skip(f"no HierarCaps images at {HIERARCAPS_IMAGES}")
-    path = sorted(HIERARCAPS_IMAGES.glob("*.jpg"))[3]
+    path = sorted(require_hierarcaps().glob("*.jpg"))[3]
     image = Image.open(path).convert("RGB")
     # The shipped photos are 256x256; a 256x180 part of one makes resize and crop both matter.
     return image.crop((0, 0, 256, 180))

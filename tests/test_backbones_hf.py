@@ -16,8 +16,8 @@ import torch
 from hsae.backbones import make_backbone, same_image_tower_warning
 from hsae.config import BackboneConfig
 from hsae.errors import HsaeError
-from tests.conftest import perfect_and_null_sae
-from tests.test_backbones_adapters import HIERARCAPS_IMAGES, hierarcaps_image
+from tests.conftest import HIERARCAPS_IMAGES, perfect_and_null_sae
+from tests.test_backbones_adapters import hierarcaps_image
 
 transformers = pytest.importorskip("transformers")
 # A CLIP BPE vocabulary as OpenAI's, only smaller: 256 byte symbols, the same with "</w>", the
@@ -216,7 +216,7 @@ def test_hf_clip_text_tower_must_fit_its_tokenizer(tmp_path, caplog, text, why):
     assert why in caplog.text
 
 
-@pytest.mark.skipif(not HIERARCAPS_IMAGES.is_dir(), reason="no ../shared/data/hierarcaps")
+@pytest.mark.usefixtures("hierarcaps")
 def test_hierarcaps_joint_metrics_run_on_hf_clip(clip_dirs, tmp_path):
     """evaluate.py backbone=reclip_vit_b32 dataset=hierarcaps, on the tiny CLIPModel."""
     from hsae.config import CacheConfig, DatasetConfig

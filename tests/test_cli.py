@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, require_hierarcaps
 
 
 def run(script: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -242,9 +242,7 @@ def test_matryoshka_groups_get_their_own_taxonomy_depth(tmp_path):
 
 @pytest.mark.slow
 def test_step1_joint_space_on_hierarcaps(tmp_path):
-    images = ROOT.parent / "shared" / "data" / "hierarcaps" / "images"
-    if not images.is_dir():
-        pytest.skip(f"no HierarCaps images at {images}")
+    images = require_hierarcaps()
     result = run(
         "evaluate.py", "backbone=tiny_vit", "dataset=hierarcaps", f"dataset.path={images}",
         "dataset.max_images=30", f"out_dir={tmp_path}",

@@ -17,9 +17,7 @@ from hsae.config import DatasetConfig, RunConfig, to_objects
 from hsae.data import ActivationArray, ImageError, make_dataset
 from hsae.data.files import IMAGENET_HIERARCHY, imagenet_hierarchy
 from hsae.errors import HsaeError
-from tests.conftest import ROOT
-
-HIERARCAPS_IMAGES = ROOT.parent / "shared" / "data" / "hierarcaps" / "images"
+from tests.conftest import HIERARCAPS_IMAGES, ROOT
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 30)) -> None:
@@ -265,7 +263,7 @@ def test_imagenet_folder_labels(tmp_path):
 # ---- hierarcaps ----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HIERARCAPS_IMAGES.is_dir(), reason="no ../shared/data/hierarcaps")
+@pytest.mark.usefixtures("hierarcaps")
 def test_hierarcaps_photos_decode_and_preprocess(tiny_backbone):
     c = cfg(name="hierarcaps", path=str(HIERARCAPS_IMAGES), max_images=8)
     train, val = make_dataset(c, "train"), make_dataset(c, "val")

@@ -266,16 +266,23 @@ def test_bad_inputs_raise_helpful_errors(tree_data):
 
 # --- HierarCaps -----------------------------------------------------------------------------
 
-needs_hierarcaps = pytest.mark.skipif(
-    not HIERARCAPS_CSV.is_file(),
-    reason=f"HierarCaps test CSV not found at {HIERARCAPS_CSV} (shared/data/hierarcaps)",
-)
+
+@pytest.fixture(scope="module")
+def hierarcaps_csv():
+    """The shared HierarCaps CSV; missing, the test fails (a skip would check nothing)."""
+    if not HIERARCAPS_CSV.is_file():
+        pytest.fail(
+            f"HierarCaps test CSV not found at {HIERARCAPS_CSV}: the tests read ../shared/data "
+            "beside this checkout"
+        )
+    return HIERARCAPS_CSV
+
+
+needs_hierarcaps = pytest.mark.usefixtures("hierarcaps_csv")
 
 
 @pytest.fixture(scope="module")
-def hierarcaps():
-    if not HIERARCAPS_CSV.is_file():
-        pytest.skip(f"HierarCaps test CSV not found at {HIERARCAPS_CSV}")
+def hierarcaps(hierarcaps_csv):
     return load_hierarcaps(HIERARCAPS_CSV)
 
 
