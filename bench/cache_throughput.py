@@ -41,9 +41,13 @@ BACKBONES = {
     ),
     # The second GPU reference (timm ViT-B/16, 8,400 images/s on an H100).
     "timm_vit_b16": BackboneConfig(
-        name="timm_vit_b16", loader="timm", model_name="vit_base_patch16_224",
-        pretrained=None, d_model=768, layer=10,
-    ),  # fmt: skip
+        name="timm_vit_b16",
+        loader="timm",
+        model_name="vit_base_patch16_224",
+        pretrained=None,
+        d_model=768,
+        layer=10,
+    ),
 }
 # Images per measurement on a CPU; a GPU run should pass --n-images 8192 or more.
 DEFAULT_IMAGES = {"tiny_vit": 2048, "clip_vit_b32": 256, "timm_vit_b16": 64}

@@ -77,10 +77,15 @@ def global_min(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def normalized_mse(
+    x_hat: torch.Tensor, x: torch.Tensor, variance: torch.Tensor | None = None
+) -> torch.Tensor:
     """Squared error over the batch's total variance: scale-free, so one learning rate and
-    one loss curve read the same across backbones and layers."""
-    return (x_hat - x).pow(2).sum(dim=-1).mean() / batch_variance(x)
+    one loss curve read the same across backbones and layers. Pass ``batch_variance(x)``
+    as ``variance`` when scoring several reconstructions of one ``x``."""
+    if variance is None:
+        variance = batch_variance(x)
+    return (x_hat - x).pow(2).sum(dim=-1).mean() / variance
 
 
 def l1_scale(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from hsae.sae.base import (
     ForwardOutput,
     SparseAutoencoder,
     UnitNormDecoderMixin,
+    batch_variance,
     check_k,
     check_positive_int,
     normalized_mse,
@@ -109,12 +110,11 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         values = acts[:, :width] if mask is None else acts[:, :width] * mask
         recons = self._sparse_reconstructions(values, indices)
         x_hat = recons[-1]
-        recon = normalized_mse(x_hat, x)
-        main = (
-            recon
-            if len(recons) == 1
-            else torch.stack([normalized_mse(r, x) for r in recons]).mean()
-        )
+        # One variance for every prefix (under DDP each is an all-reduce).
+        variance = batch_variance(x)
+        losses = [normalized_mse(r, x, variance) for r in recons]
+        recon = losses[-1]
+        main = recon if len(losses) == 1 else torch.stack(losses).mean()
         aux = None
         if aux_indices is not None:
             aux_recon = sparse_decode(acts[:, width:], aux_indices, self.W_dec)
