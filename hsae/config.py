@@ -15,9 +15,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from hsae.errors import HsaeError
 
-TOKENS = ("cls", "patch", "mean", "all")
+TOKENS = ("cls", "patch", "mean", "all", "segments")  # segments: CAST's segment tokens
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
-BACKBONE_LOADERS = ("open_clip", "hf", "timm", "torchvision")
+BACKBONE_LOADERS = ("open_clip", "hf", "timm", "torchvision", "cast")
 DATASETS = ("synthetic", "image_folder", "imagenet", "cifar100", "hierarcaps", "activations")
 
 
@@ -47,7 +47,7 @@ class BackboneConfig:
     init_seed: int = 0  # seeds the random initialisation when pretrained is None
     d_model: int = MISSING  # width of the hooked blocks; checked against the model when loaded
     layer: int = MISSING  # block index whose output is captured (0-based)
-    tokens: str = "cls"  # cls | patch | mean | all
+    tokens: str = "cls"  # cls | patch | mean | all | segments (CAST)
 
     def __post_init__(self) -> None:
         _check_choice("backbone.tokens", self.tokens, TOKENS)

@@ -49,8 +49,13 @@ def _load(cfg: BackboneConfig) -> Backbone:
         from hsae.backbones.torchvision import TorchvisionBackbone
 
         return TorchvisionBackbone(cfg.name, cfg.model_name, cfg.pretrained, cfg.init_seed)
+    if cfg.loader == "cast":
+        from hsae.backbones.cast import make_cast_loader_backbone
+
+        return make_cast_loader_backbone(cfg.name, cfg.model_name, cfg.pretrained, cfg.init_seed)
     raise HsaeError(
-        f"backbone.loader={cfg.loader!r} is not known; valid: open_clip, hf, timm, torchvision"
+        f"backbone.loader={cfg.loader!r} is not known; valid: open_clip, hf, timm, torchvision, "
+        "cast"
     )
 
 
