@@ -10,6 +10,7 @@ docs/metrics.md. What cannot be computed is listed with the reason under ``skipp
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
@@ -154,22 +155,119 @@ def interpretability(
         ref = pixel_reference(cfg["dataset"], split, images.image_ids)
     else:
         skipped["interp/ms"] = "reference=none"
-    decoder = getattr(sae, "W_dec", None)
-    if decoder is None:
-        skipped["interp/absorption"] = f"{type(sae).__name__} has no single decoder matrix W_dec"
-    # Matryoshka groups: the increments between successive prefix ends.
-    ends = list(getattr(sae, "ends", []) or [])
-    groups = list(zip([0, *ends[:-1]], ends, strict=True)) if ends else None
+    # Every latent's own row (the hierarchical SAE's children too), not one weight matrix.
+    decoder = sae.decoder_rows().detach().float().cpu()
     metrics = interp_metrics(
         images.acts_ik, labels, cache.hierarchy,
-        decoder_kd=None if decoder is None else decoder.detach().cpu(),
-        feats_nd=images.feats_id, ref_emb_ne=ref, moran_i_k=images.moran_k,
-        groups=groups, n_top=n_top, seed=seed,
+        decoder_kd=decoder, feats_nd=images.feats_id, ref_emb_ne=ref, moran_i_k=images.moran_k,
+        groups=latent_groups(sae), n_top=n_top, seed=seed,
     )  # fmt: skip
     metrics |= fidelity_metrics(
         images.feats_id, images.recon_id, torch.zeros_like(images.feats_id), labels, cache.hierarchy
     )
+    n_scored = int(metrics.get("interp/scored_latents", 0))
+    if n_scored < 2:
+        for name in ("interp/top_overlap", "interp/uniqueness"):
+            skipped[name] = (
+                f"needs 2 latents firing on >= 5 images (pairs of top-image sets); {n_scored} do"
+            )
     return metrics, skipped
+
+
+def latent_groups(sae: torch.nn.Module) -> list[tuple[int, int]] | None:
+    """Matryoshka groups: the latent index ranges between successive prefix ends."""
+    ends = list(getattr(sae, "ends", []) or [])
+    return list(zip([0, *ends[:-1]], ends, strict=True)) if ends else None
+
+
+# Why a metric that applies to the run can still have no value on its data (NaN).
+NAN_REASONS = (
+    ("interp/top_overlap", "needs 2 latents firing on >= 5 images (pairs of top-image sets)"),
+    ("interp/uniqueness", "needs 2 latents firing on >= 5 images (pairs of top-image sets)"),
+    ("interp/taxonomy_depth/group*", "no latent of this group fires on >= 5 images"),
+    ("interp/name_agreement@*", "no latent has a clear majority class at this level (> 0.5 of "
+     "its top images): interp/majority_latents@<level> = 0"),
+    ("interp/name_score", "no latent fires on >= 5 images"),
+    ("interp/sparse_probe@*", "no class of this level has images on both sides of the probe's "
+     "training and held-out split"),
+    ("interp/absorption*", "no parent class with images its probe detects"),
+    ("interp/ms", "no latent fires on 2 or more images with distinct activations"),
+    ("fidelity/recovered@*", "ablation does not change the probe's accuracy (original = "
+     "ablated): there is no gap to recover"),
+    ("fidelity/zero_shot_recovered@*", "ablation does not change the zero-shot accuracy "
+     "(original = ablated): there is no gap to recover"),
+    ("hier/cpcc", "the class-mean distances or the tree distances are constant (collapsed "
+     "class means): the correlation is undefined"),
+    ("hier/mistake_severity", "the leaf probe makes no mistake on the held-out images"),
+    ("hier/hdist@*", "k is more than the number of leaf classes"),
+)  # fmt: skip
+
+
+def expected_metrics(
+    level_names: list[str], n_groups: int = 0, probe_ks: tuple[int, ...] = (1, 2, 5)
+) -> dict[str, list[str]]:
+    """Step 3's metric names by family (``docs/metrics.md``), for a hierarchy with these
+    levels (coarse to fine) and ``n_groups`` Matryoshka groups. Control and zero-shot are
+    at the coarsest level."""
+    top, parents = level_names[0], level_names[:-1]
+    return {
+        "interp": [
+            "interp/scored_latents", "interp/taxonomy_depth",
+            *(f"interp/{m}@{lv}" for m in ("purity", "entropy", "level_fraction")
+              for lv in level_names),
+            *(f"interp/taxonomy_depth/group{g}" for g in range(n_groups)),
+            "interp/ms", "interp/top_overlap", "interp/uniqueness", "interp/moran_i",
+            *(f"interp/sparse_probe@k{k}/{lv}" for k in probe_ks for lv in level_names),
+            *(f"interp/absorption_{m}@{lv}" for m in ("rate", "fraction") for lv in parents),
+            "interp/absorption_rate", "interp/absorption_fraction",
+        ],
+        "fidelity": [
+            *(f"fidelity/probe_acc@{lv}/{kind}" for lv in level_names
+              for kind in ("original", "reconstructed", "ablated")),
+            *(f"fidelity/recovered@{lv}" for lv in level_names),
+        ],
+        "names": [
+            "interp/names_map_r2", "interp/name_score",
+            *(f"interp/{m}@{lv}" for m in ("name_agreement", "majority_latents")
+              for lv in level_names),
+        ],
+        "control": [
+            *(f"control/{m}@{top}" for m in ("hit_rate", "hit_rate_baseline", "delta_p")),
+            "control/n_latents",
+        ],
+        "zero_shot": [
+            *(f"fidelity/zero_shot/{kind}@{top}" for kind in ("original", "spliced", "ablated")),
+            f"fidelity/zero_shot_recovered@{top}",
+        ],
+    }  # fmt: skip
+
+
+def skip_reason(name: str, skipped: dict[str, str]) -> str | None:
+    """The reason ``skipped`` gives for ``name``: its own entry, or a pattern (``control/*``)."""
+    if name in skipped:
+        return skipped[name]
+    return next((why for key, why in skipped.items() if fnmatch.fnmatchcase(name, key)), None)
+
+
+def account_for(
+    metrics: dict[str, float], skipped: dict[str, str], expected: list[str]
+) -> dict[str, float]:
+    """Nothing vanishes: every ``expected`` name is in the result (NaN when it was not
+    computed) and every NaN has a reason in ``skipped`` (filled in place): the one given,
+    else ``NAN_REASONS``'s for that metric, else a pointer to its definition."""
+    out = dict(metrics)
+    for name in expected:
+        if name not in out:
+            out[name] = math.nan
+            if skip_reason(name, skipped) is None:
+                skipped[name] = "not computed on this data (the metric function gave no value)"
+    for name, value in out.items():
+        if isinstance(value, float) and math.isnan(value) and skip_reason(name, skipped) is None:
+            skipped[name] = next(
+                (why for key, why in NAN_REASONS if fnmatch.fnmatchcase(name, key)),
+                "undefined on this data (NaN); docs/metrics.md says when it has no value",
+            )
+    return out
 
 
 def control_metrics(
@@ -340,6 +438,8 @@ def evaluate_run(
     metrics: dict[str, float] = dict(images.sae_metrics)
     metrics["max_decoder_cosine"] = float(max_decoder_cosine(sae))
     metrics["n_rows"] = cache.n_rows
+    groups = latent_groups(sae)
+    families = expected_metrics(list(cache.hierarchy.level_names), len(groups or ()))
     skipped: dict[str, str] = {}
     if interp:
         interp_values, skipped = interpretability(
@@ -347,36 +447,50 @@ def evaluate_run(
         )
         metrics |= interp_values
     else:
-        skipped["interp/*, fidelity/*"] = "interp=false"
+        for pattern in ("interp/*", "fidelity/probe_acc@*", "fidelity/recovered@*"):
+            skipped[pattern] = "interp=false"
     # One backbone for names and control (building it can cost as much as using it).
     no_backbone = cfg["dataset"]["name"] == "activations"
     backbone: Any = None
     if not no_backbone and (control or (interp and names)):
         backbone = make_run_backbone(cfg, dev)
+    text_tower = backbone is not None and hasattr(backbone, "encode_text")
     latents_table = None
-    if interp:  # without it, "interp/*" is skipped already
-        if not names:
-            skipped["interp/name*"] = "names=false"
-        elif no_backbone:
-            skipped["interp/name*"] = "no backbone: the run trained on an activations file"
-        elif not hasattr(backbone, "encode_text"):
-            skipped["interp/name*"] = (
-                f"{backbone.name} has no text tower (names need a CLIP-like backbone: open_clip)"
-            )
-        else:
-            names_values, latents_table = automatic_names(
-                sae, cache, images, cfg, split, backbone, vocabulary, n_top, cfg.get("seed", 0)
-            )
-            metrics |= names_values
-    if not control:
-        skipped["control/*"] = "control=false"
+    names_skip = None
+    if not interp:
+        names_skip = "interp=false"
+    elif not names:
+        names_skip = "names=false"
     elif no_backbone:
-        skipped["control/*"] = "no backbone: the run trained on an activations file"
+        names_skip = "no backbone: the run trained on an activations file"
+    elif not text_tower:
+        names_skip = (
+            f"{backbone.name} has no text tower (names need a CLIP-like backbone: open_clip)"
+        )
+    else:
+        names_values, latents_table = automatic_names(
+            sae, cache, images, cfg, split, backbone, vocabulary, n_top, cfg.get("seed", 0)
+        )
+        metrics |= names_values
+    if names_skip is not None:
+        skipped["interp/name*"] = skipped["interp/majority_latents@*"] = names_skip
+    control_skip = None
+    if not control:
+        control_skip = "control=false"
+    elif no_backbone:
+        control_skip = "no backbone: the run trained on an activations file"
     else:
         metrics |= control_metrics(
             sae, cache, images, cfg, split, seed=cfg.get("seed", 0), device=dev,
             backbone=backbone,
         )  # fmt: skip
+        if not text_tower:
+            skipped["fidelity/zero_shot*"] = (
+                f"{backbone.name} has no text tower (zero-shot needs a CLIP-like backbone)"
+            )
+    if control_skip is not None:
+        skipped["control/*"] = skipped["fidelity/zero_shot*"] = control_skip
+    metrics = account_for(metrics, skipped, [name for v in families.values() for name in v])
     for name, why in skipped.items():
         log.info("skipped %s: %s", name, why)
     record: dict[str, Any] = {"split": split, "metrics": metrics, "skipped": skipped}
