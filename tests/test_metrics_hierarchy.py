@@ -116,6 +116,32 @@ def test_cpcc_at_the_top_level_is_undefined(tree_data):
         cpcc(feats, labels, HIERARCHY, level=0)
 
 
+def test_cpcc_of_collapsed_class_means_is_nan_not_zero(tree_data):
+    """Constant features: every class mean is the same point, so there is no geometry to
+    correlate with the tree. Undefined is NaN with a reason, never a 0 that reads as "no
+    tree structure measured"."""
+    feats, labels, _ = tree_data
+    assert math.isnan(cpcc(torch.ones_like(feats), labels, HIERARCHY))
+    # The tree embedding still scores high: the NaN is not a failure of the metric.
+    assert cpcc(feats, labels, HIERARCHY) > 0.95
+    # hierarchy_metrics keeps the key, as NaN, and says why under ``skipped``.
+    out = hierarchy_metrics(torch.ones_like(feats), labels, HIERARCHY)
+    assert math.isnan(out["hier/cpcc"])
+    assert "class means" in out.skipped["hier/cpcc"]
+
+
+def test_hdist_beyond_the_leaf_count_is_nan_and_skipped(tree_data):
+    """``hier/hdist@k`` for k above the number of leaves used to vanish from the output."""
+    feats = tree_data[0]
+    small = Hierarchy.from_nested(("coarse", "fine"), {"a": ["a1", "a2"], "b": ["b1", "b2"]})
+    leaves = np.arange(len(feats)) % 4
+    out = hierarchy_metrics(feats, small.labels_from_leaves(leaves), small, hdist_ks=(1, 5))
+    assert out["hier/hdist@1"] >= 0
+    assert math.isnan(out["hier/hdist@5"])
+    assert "4 leaves" in out.skipped["hier/hdist@5"]
+    assert "hier/hdist@1" not in out.skipped
+
+
 # --- probes, consistency, severity --------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from hsae.errors import HsaeError
 from hsae.hierarchy import Hierarchy
+from hsae.metrics.results import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +338,8 @@ def cpcc(
     """CPCC (Zeng et al. 2023): Pearson correlation, over pairs of classes present at
     ``level``, between their tree distance (edges on the path through their LCA) and the
     Euclidean distance between their class-mean features. 1 = the representation's class
-    geometry follows the tree; ~0 = unrelated."""
+    geometry follows the tree; ~0 = unrelated; NaN when every pair of class means is equally
+    far apart (e.g. they collapse to one point), where a correlation is undefined."""
     feats = as_features(feats_nd)
     labels = as_labels(labels_nl, hierarchy, feats.shape[0], feats.device)
     lvl = _level_index(hierarchy, level)
@@ -356,8 +358,11 @@ def cpcc(
             f"CPCC at level {hierarchy.level_names[lvl]!r}: every pair of classes present has "
             "the same tree distance, so the correlation is undefined; use a finer level"
         )
-    if e.std() == 0:
-        return 0.0  # every class mean is equally far from every other: no tree structure
+    if e.std() <= 1e-12 * e.abs().max().clamp_min(1e-300):
+        # Every class mean equally far from every other (collapsed to one point, say): a
+        # correlation with a constant is undefined, not 0 ("measured: no tree structure").
+        log.info("CPCC undefined (NaN): the class means are all equally far apart")
+        return math.nan
     return float(torch.corrcoef(torch.stack([t, e]))[0, 1])
 
 
@@ -535,11 +540,18 @@ def hierarchy_metrics(
     hdist_ks: Sequence[int] = (1, 5),
     ami_max_points: int = 4000,
 ) -> dict[str, float]:
-    """Every step-1 metric of one representation, as a flat dict of documented names."""
+    """Every step-1 metric of one representation, as a flat dict of documented names
+    (``Metrics``: an undefined one is NaN, with its reason in ``.skipped``)."""
     feats = as_features(feats_nd)
     labels = as_labels(labels_nl, hierarchy, feats.shape[0], feats.device)
     names = hierarchy.level_names
-    out: dict[str, float] = {"hier/cpcc": cpcc(feats, labels, hierarchy)}
+    out = Metrics()
+    out.set_or_undefined(
+        "hier/cpcc",
+        cpcc(feats, labels, hierarchy),
+        "the class means are all equally far apart (collapsed to one point?), so their "
+        "distances cannot correlate with the tree",
+    )
     probes = probe_consistency(
         feats, labels, hierarchy, test_fraction=test_fraction, seed=seed, weight_decay=weight_decay
     )
@@ -547,8 +559,10 @@ def hierarchy_metrics(
         out[f"hier/probe_acc@{name}"] = acc
     out["hier/full_path_acc"] = probes.full_path_acc
     out["hier/consistency"] = probes.consistency
-    out["hier/mistake_severity"] = mistake_severity(
-        probes.pred_nl[:, -1], probes.true_nl[:, -1], hierarchy
+    out.set_or_undefined(
+        "hier/mistake_severity",
+        mistake_severity(probes.pred_nl[:, -1], probes.true_nl[:, -1], hierarchy),
+        "the leaf probe made no mistakes on the held-out images",
     )
     for k in hdist_ks:
         if k <= hierarchy.n_leaves:
@@ -556,7 +570,10 @@ def hierarchy_metrics(
                 probes.leaf_logits_nc, probes.true_nl[:, -1], hierarchy, k
             )
         else:
-            log.info("hier/hdist@%d skipped: only %d leaves", k, hierarchy.n_leaves)
+            out.undefined(
+                f"hier/hdist@{k}", f"top-{k} needs >= {k} leaf classes; the tree has only "
+                f"{hierarchy.n_leaves} leaves"
+            )  # fmt: skip
     amis = clustering_ami(feats, labels, hierarchy, max_points=ami_max_points, seed=seed)
     for name, ami in zip(names, amis, strict=True):
         out[f"hier/ami@{name}"] = ami
