@@ -32,6 +32,11 @@ EXPECTED = {
     "timm_resnet50": (5, 49),
     "torchvision_resnet50": (5, 49),
     "torchvision_alexnet": (7, 169),
+    "cast_s_moco": (11, 17),  # stage-4 block: 16 segment tokens + CLS
+    "cast_b_moco": (11, 17),
+    "cast_s_deit": (11, 17),
+    "vit_s_moco": (12, 197),
+    "deit_s": (12, 197),
 }
 
 
