@@ -76,6 +76,21 @@ class CacheRequest:
     device: str = "auto"
     verify: bool = False  # checksum every shard when opening (reads the whole cache once)
 
+    @classmethod
+    def from_config(cls, backbone_cfg: Any, cache_cfg: Any) -> CacheRequest:
+        """The request of a ``BackboneConfig`` and a ``CacheConfig``: the one constructor
+        train.py and evaluate.py share, so no setting (``cache.verify``) is dropped."""
+        return cls(
+            layer=backbone_cfg.layer,
+            tokens=backbone_cfg.tokens,
+            dtype=cache_cfg.dtype,
+            shard_rows=cache_cfg.shard_rows,
+            batch_size=cache_cfg.batch_size,
+            num_workers=cache_cfg.num_workers,
+            device=cache_cfg.device,
+            verify=cache_cfg.verify,
+        )
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":

@@ -551,11 +551,7 @@ def hierarchy_of_backbone(
             backbone, backbone_cfg.layer, dataset_cfg, resolve_device(device)
         )
         return metrics, _write_step1(out_dir, backbone_cfg, dataset_cfg, split, None, metrics)
-    request = CacheRequest(
-        layer=backbone_cfg.layer, tokens=backbone_cfg.tokens, dtype=cache_cfg.dtype,
-        shard_rows=cache_cfg.shard_rows, batch_size=cache_cfg.batch_size,
-        num_workers=cache_cfg.num_workers, device=cache_cfg.device,
-    )  # fmt: skip
+    request = CacheRequest.from_config(backbone_cfg, cache_cfg)
     cache = get_or_build(
         cache_cfg.dir, backbone, asdict(backbone_cfg), make_dataset(dataset_cfg, split), request
     )
