@@ -17,8 +17,16 @@ from hsae.errors import HsaeError
 
 TOKENS = ("cls", "patch", "mean", "all", "segments")  # segments: CAST's segment tokens
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
-BACKBONE_LOADERS = ("open_clip", "hf", "timm", "torchvision", "cast")
-DATASETS = ("synthetic", "image_folder", "imagenet", "cifar100", "hierarcaps", "activations")
+BACKBONE_LOADERS = ("open_clip", "hf", "timm", "torchvision", "stand_in", "cast")
+DATASETS = (
+    "synthetic",
+    "synthetic_tree",
+    "image_folder",
+    "imagenet",
+    "cifar100",
+    "hierarcaps",
+    "activations",
+)
 
 
 def _check_choice(what: str, value: object, valid: tuple) -> None:
@@ -48,6 +56,9 @@ class BackboneConfig:
     d_model: int = MISSING  # width of the hooked blocks; checked against the model when loaded
     layer: int = MISSING  # block index whose output is captured (0-based)
     tokens: str = "cls"  # cls | patch | mean | all | segments (CAST)
+    # stand_in: overrides of the training recipe (hsae.backbones.stand_in.train.Recipe),
+    # e.g. {steps: 50}; part of the stand-in's store hash.
+    recipe: Optional[dict[str, Any]] = None  # noqa: UP045
 
     def __post_init__(self) -> None:
         _check_choice("backbone.tokens", self.tokens, TOKENS)

@@ -53,8 +53,13 @@ def _load(cfg: BackboneConfig) -> Backbone:
         from hsae.backbones.cast import make_cast_loader_backbone
 
         return make_cast_loader_backbone(cfg.name, cfg.model_name, cfg.pretrained, cfg.init_seed)
+    if cfg.loader == "stand_in":
+        from hsae.backbones.stand_in.adapter import StandInBackbone
+
+        return StandInBackbone(cfg.name, cfg.model_name, cfg.pretrained, cfg.init_seed, cfg.recipe)
     raise HsaeError(
         f"backbone.loader={cfg.loader!r} is not known; valid: open_clip, hf, timm, torchvision, "
+        "stand_in, "
         "cast"
     )
 

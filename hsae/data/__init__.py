@@ -19,6 +19,7 @@ from hsae.data.cifar import Cifar100
 from hsae.data.common import ImageError
 from hsae.data.files import ImageFiles, make_hierarcaps, make_image_folder, make_imagenet
 from hsae.data.synthetic import SyntheticShapes
+from hsae.data.synthetic_tree import SyntheticTree
 from hsae.errors import HsaeError
 
 if TYPE_CHECKING:
@@ -31,19 +32,21 @@ __all__ = [
     "ImageError",
     "ImageFiles",
     "SyntheticShapes",
+    "SyntheticTree",
     "make_dataset",
 ]
 
 
 def make_dataset(cfg: DatasetConfig, split: str) -> Any:
     """The ``split`` (train | val) of the configured dataset, ``max_images`` applied."""
-    if cfg.name == "synthetic":
+    if cfg.name in ("synthetic", "synthetic_tree"):
         n_images = {"train": cfg.n_train, "val": cfg.n_val}.get(split)
         if n_images is None:
-            raise HsaeError(f"dataset=synthetic has splits train and val, not {split!r}")
+            raise HsaeError(f"dataset={cfg.name} has splits train and val, not {split!r}")
         if cfg.max_images is not None:
             n_images = min(n_images, cfg.max_images)  # images are already random draws
-        return SyntheticShapes(n_images, cfg.image_size, cfg.seed, split)
+        make = SyntheticShapes if cfg.name == "synthetic" else SyntheticTree
+        return make(n_images, cfg.image_size, cfg.seed, split)
     if cfg.name == "image_folder":
         return make_image_folder(
             cfg.path,

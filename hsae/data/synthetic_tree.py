@@ -1,0 +1,202 @@
+"""Procedural objects built of parts, whose class tree is visible in the pixels.
+
+``dataset=synthetic_tree`` (version 2 of the synthetic data; ``synthetic`` stays for speed
+tests). Each image shows one object: a **body** with **parts** attached around it.
+
+- family (3): the body's shape (disc, square, triangle): the largest visible trait;
+- genus (9): the part type (knob, spike, fin), three per family;
+- species (27): the number of parts (1, 2 or 3, evenly spaced around the body).
+
+So siblings look alike (same body, same parts, one part more or fewer), and branches differ
+by larger traits. Everything else is **nuisance, drawn independently of the class and
+shared across the whole tree**: body and part colours (random hues), position, scale,
+rotation, background gradient and pixel noise. In version 1 the finest level was the colour,
+shared by every branch, so learned features clustered by colour against the tree (issue
+#13); here no level is a nuisance factor.
+
+Each image's part-whole ground truth comes with it: ``masks(i)`` returns the object mask and
+a part-id map (0 background, 1 body, 2.. the parts in angular order), for part-whole
+(intra-image) hierarchy metrics. Parameters are drawn from ``numpy.random.default_rng([seed,
+split, 2])`` at construction and every image is rendered on demand from its row, so the data
+is deterministic by seed and costs no disk.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from hsae.errors import HsaeError
+from hsae.hierarchy import Hierarchy
+
+SPLITS = {"train": 0, "val": 1, "test": 2}
+VERSION = 2
+
+BODIES = ("disc", "square", "triangle")
+PARTS = ("knob", "spike", "fin")
+_ADJECTIVE = {"knob": "knobbed", "spike": "spiked", "fin": "finned"}
+COUNTS = (1, 2, 3)
+HIERARCHY = Hierarchy.from_nested(
+    ("family", "genus", "species"),
+    {
+        body: {f"{_ADJECTIVE[part]} {body}": [f"x{n}" for n in COUNTS] for part in PARTS}
+        for body in BODIES
+    },
+)
+# Leaf index -> (body, part, count) indices; from_nested walks the tree in this order.
+_LEAF_TRAITS = np.array(
+    [(b, p, c) for b in range(len(BODIES)) for p in range(len(PARTS)) for c in range(len(COUNTS))]
+)
+_N_SIDES = {"disc": 0, "square": 4, "triangle": 3}
+
+
+def _body_radius(body: str, theta: np.ndarray) -> np.ndarray:
+    """Distance from the centre to the body's outline along angle ``theta`` (body frame,
+    circumradius 1): the disc's is 1, a regular polygon's shrinks towards its edges."""
+    n = _N_SIDES[body]
+    if n == 0:
+        return np.ones_like(theta)
+    sector = 2 * np.pi / n
+    return np.cos(np.pi / n) / np.cos(np.mod(theta, sector) - sector / 2)
+
+
+# A part in its own frame: u along the outward normal from its attachment point on the
+# outline, v across it, both in units of the body's circumradius.
+_PART_MASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "knob": lambda u, v: (u - 0.32) ** 2 + v**2 < 0.34**2,  # a round bead on the outline
+    "spike": lambda u, v: (u > -0.1) & (u < 0.95) & (np.abs(v) < 0.16 * (1.1 - u)),  # thin, long
+    "fin": lambda u, v: (u > -0.1) & (u < 0.42) & (np.abs(v) < 0.5),  # short, wide plate
+}
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.asarray(colorsys.hsv_to_rgb(h, s, v), dtype=np.float64)
+
+
+class SyntheticTree(Dataset):
+    """``(image [3, S, S] float in [0, 1], index)`` pairs; labels in ``labels_nl``."""
+
+    hierarchy = HIERARCHY
+
+    def __init__(self, n_images: int, image_size: int = 32, seed: int = 0, split: str = "train"):
+        if split not in SPLITS:
+            raise HsaeError(
+                f"synthetic_tree dataset: unknown split {split!r}; valid: {sorted(SPLITS)}"
+            )
+        if n_images < 1 or image_size < 16:
+            raise HsaeError(
+                f"synthetic_tree dataset: need n_images >= 1 and image_size >= 16 (parts are "
+                f"a few pixels wide), got {n_images} and {image_size}"
+            )
+        self.n_images, self.image_size, self.seed, self.split = n_images, image_size, seed, split
+        self.transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # The trailing 2 keeps these draws apart from version 1's for the same seed.
+        rng = np.random.default_rng([seed, SPLITS[split], VERSION])
+        n = n_images
+        self.leaves_n = rng.integers(0, HIERARCHY.n_leaves, size=n)
+        self.labels_nl = HIERARCHY.labels_from_leaves(self.leaves_n)
+        # Nuisance factors, independent of the class.
+        self.scale_n = rng.uniform(0.17, 0.23, size=n)  # body circumradius / image side
+        self.center_n2 = rng.uniform(0.5 - 0.08, 0.5 + 0.08, size=(n, 2))
+        self.angle_n = rng.uniform(0, 2 * np.pi, size=n)
+        self.body_hsv_n3 = np.column_stack(
+            [rng.uniform(0, 1, n), rng.uniform(0.45, 1.0, n), rng.uniform(0.7, 1.0, n)]
+        )
+        self.part_hsv_n3 = np.column_stack(
+            [rng.uniform(0, 1, n), rng.uniform(0.45, 1.0, n), rng.uniform(0.7, 1.0, n)]
+        )
+        # Dark background (objects are bright): level, tint, gradient direction and strength.
+        self.background_n6 = rng.uniform(0.0, 1.0, size=(n, 6))
+        self.noise_seed_n = rng.integers(0, 2**31, size=n)
+
+    def __len__(self) -> int:
+        return self.n_images
+
+    def describe(self) -> dict:
+        """Everything that determines the images (goes into cache keys)."""
+        return {
+            "name": "synthetic_tree",
+            "n_images": self.n_images,
+            "image_size": self.image_size,
+            "seed": self.seed,
+            "split": self.split,
+            "version": VERSION,
+        }
+
+    def image_name(self, i: int) -> str:
+        return f"synthetic_tree/{self.split}/{i}"
+
+    def traits(self, i: int) -> tuple[str, str, int]:
+        """(body, part type, number of parts) of image ``i``."""
+        b, p, c = _LEAF_TRAITS[self.leaves_n[i]]
+        return BODIES[b], PARTS[p], COUNTS[c]
+
+    def masks(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(object_mask [S, S] bool, part_id [S, S] int)``: 0 background, 1 body, 2.. parts."""
+        part_id = self._part_ids(i)
+        return part_id > 0, part_id
+
+    def _part_ids(self, i: int) -> np.ndarray:
+        s = self.image_size
+        coords = (np.arange(s) + 0.5) / s  # pixel centres
+        ys, xs = np.meshgrid(coords, coords, indexing="ij")
+        scale = self.scale_n[i]
+        dx = (xs - self.center_n2[i, 0]) / scale
+        dy = (ys - self.center_n2[i, 1]) / scale
+        body, part, count = self.traits(i)
+        angle = self.angle_n[i]
+        theta = np.mod(np.arctan2(dy, dx) - angle, 2 * np.pi)  # body frame
+        r = np.hypot(dx, dy)
+        part_id = np.where(r < _body_radius(body, theta), 1, 0)
+        # Parts evenly spaced around the body, starting at a polygon's vertex-to-edge midpoint
+        # (an edge's centre) so that they sit flat on the outline.
+        offset = np.pi / _N_SIDES[body] if _N_SIDES[body] else 0.0
+        for j in range(count):
+            phi = offset + 2 * np.pi * j / count
+            base = float(_body_radius(body, np.array([phi]))[0])
+            # Outward normal at the attachment point: radial for the disc and the polygons'
+            # edge centres alike.
+            nx, ny = np.cos(phi + angle), np.sin(phi + angle)
+            ax, ay = base * nx, base * ny
+            u = (dx - ax) * nx + (dy - ay) * ny
+            v = -(dx - ax) * ny + (dy - ay) * nx
+            part_id = np.where(_PART_MASKS[part](u, v) & (part_id == 0), 2 + j, part_id)
+        return part_id
+
+    def render(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self._render(i, self._part_ids(i)))
+
+    def _render(self, i: int, part_id: np.ndarray) -> np.ndarray:
+        s = self.image_size
+        coords = np.linspace(0, 1, s)
+        ys, xs = np.meshgrid(coords, coords, indexing="ij")
+        bg = self.background_n6[i]
+        direction = 2 * np.pi * bg[3]
+        ramp = (np.cos(direction) * (xs - 0.5) + np.sin(direction) * (ys - 0.5)) * 0.25 * bg[4]
+        level = 0.05 + 0.3 * bg[0] + ramp
+        tint = 1 + 0.3 * (np.array([bg[1], bg[2], bg[5]]) - 0.5)
+        image = level[None] * tint[:, None, None]
+        body_rgb = _hsv(*self.body_hsv_n3[i])
+        part_rgb = _hsv(*self.part_hsv_n3[i])
+        image = np.where((part_id == 1)[None], body_rgb[:, None, None], image)
+        image = np.where((part_id >= 2)[None], part_rgb[:, None, None], image)
+        noise = np.random.default_rng(self.noise_seed_n[i]).normal(0, 0.03, size=image.shape)
+        return np.clip(image + noise, 0, 1).astype(np.float32)
+
+    def render_all(self, indices: np.ndarray | None = None) -> torch.Tensor:
+        """``[n, 3, S, S]`` float images (no transform), e.g. to hold a training set in RAM."""
+        rows = np.arange(self.n_images) if indices is None else np.asarray(indices)
+        out = np.empty((len(rows), 3, self.image_size, self.image_size), dtype=np.float32)
+        for k, i in enumerate(rows):
+            out[k] = self._render(int(i), self._part_ids(int(i)))
+        return torch.from_numpy(out)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.render(i)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, i
