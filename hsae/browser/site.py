@@ -182,7 +182,7 @@ def shard_payload(inputs: SiteInputs, start: int, stop: int, heat: np.ndarray | 
                     [int(c), int(n)]
                     for c, n in zip(t.dist_class_kld[k, lv], t.dist_count_kld[k, lv], strict=True)
                     if c >= 0
-                ]  # fmt: skip
+                ]
                 for lv in range(t.dist_class_kld.shape[1])
             ],
         }
