@@ -1,11 +1,15 @@
-"""Shared fixtures: offline environment, Hydra compose of the real configs, tiny runs."""
+"""Shared fixtures: offline environment, the test sandbox (no test reads beside the clone),
+Hydra compose of the real configs, tiny runs."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.sandbox import hsae_test_sandbox
 
 # Before anything imports huggingface_hub or wandb: no hub look-ups (they hang ~50 s
 # offline), no W&B network, nothing written to the home folder.
@@ -13,21 +17,103 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# The full HierarCaps set of a development machine is for benchmarks (bench/hierarcaps.py);
+# a test that reached it through the dataset config's default would pass only there.
+os.environ.pop("HSAE_HIERARCAPS_DIR", None)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 
-# Real photos for tests (../shared/data, beside the checkout, as in CI).
-HIERARCAPS_IMAGES = ROOT.parent / "shared" / "data" / "hierarcaps" / "images"
+# Real photos for tests, checked into the repo: 32 of the 1,000 HierarCaps test photos with
+# their caption chains (source, licences and how they were chosen: tests/data/README.md).
+HIERARCAPS_DIR = ROOT / "tests" / "data" / "hierarcaps"
+HIERARCAPS_IMAGES = HIERARCAPS_DIR / "images"
+HIERARCAPS_CSV = HIERARCAPS_DIR / "hierarcaps_test.csv"
+HIERARCAPS_ROWS = 32
+# The WordNet 3.0 noun entries scripts/make_imagenet_hierarchy.py reads (tests/data/README.md).
+WORDNET_DIR = ROOT / "tests" / "data" / "wordnet"
 
 
-def require_hierarcaps() -> Path:
-    """The HierarCaps photos; a missing copy fails the test (a skip would check nothing)."""
-    if not HIERARCAPS_IMAGES.is_dir():
-        pytest.fail(
-            f"no HierarCaps images at {HIERARCAPS_IMAGES}: the tests read the shared test data "
-            "in ../shared/data beside this checkout; clone the project next to it"
+# ---- the sandbox: no test reads beside the clone ---------------------------------------
+#
+# HSAE_TEST_SANDBOX=1 (.ci/run) requires it, =0 turns it off; unset, it is on wherever the
+# layout allows (not for a clone directly in the temp folder). See tests/sandbox/.
+
+SANDBOX_DIR = ROOT / "tests" / "sandbox"
+SANDBOX_MODE = os.environ.get("HSAE_TEST_SANDBOX", "")
+SANDBOX: hsae_test_sandbox.Sandbox | None = None
+SANDBOX_OFF_REASON = "HSAE_TEST_SANDBOX=0"
+if SANDBOX_MODE != "0":
+    try:
+        _fd, _log = tempfile.mkstemp(prefix="hsae-sandbox-", suffix=".log")
+        os.close(_fd)
+        SANDBOX = hsae_test_sandbox.Sandbox(ROOT, _log).install()
+    except hsae_test_sandbox.SandboxError as e:
+        if SANDBOX_MODE == "1":
+            raise
+        SANDBOX_OFF_REASON = str(e)
+    else:
+        # Every Python subprocess a test starts installs the same hook (sitecustomize.py).
+        os.environ[hsae_test_sandbox.ENV_CLONE] = str(ROOT)
+        os.environ[hsae_test_sandbox.ENV_LOG] = _log
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(SANDBOX_DIR), os.environ.get("PYTHONPATH")) if p
         )
-    return HIERARCAPS_IMAGES
+
+
+def _sandbox_violations() -> list[str]:
+    """Reads refused since the last call, in this process and in subprocesses."""
+    if SANDBOX is None:
+        return []
+    found, SANDBOX.violations[:] = list(SANDBOX.violations), []
+    with open(SANDBOX.log, "r+", encoding="utf-8") as f:
+        found += f.read().splitlines()
+        f.truncate(0)
+    return found
+
+
+_OUTSIDE_TESTS: list[str] = []  # refused during collection: reported when the session ends
+
+
+def pytest_collection_finish(session):
+    _OUTSIDE_TESTS.extend(_sandbox_violations())
+
+
+@pytest.fixture(autouse=True)
+def _no_reads_beside_the_clone():
+    """Fails the test that read beside the clone (its module fixtures' reads included)."""
+    yield
+    found = _sandbox_violations()
+    if found:
+        pytest.fail(
+            f"the test read {len(found)} path(s) outside the clone {ROOT} (a fresh clone has "
+            "nothing beside it; use tests/data/ or build the input in the test):\n  "
+            + "\n  ".join(found[:20])
+        )
+
+
+def pytest_report_header(config):
+    if SANDBOX is None:
+        return f"hsae sandbox: off ({SANDBOX_OFF_REASON})"
+    return f"hsae sandbox: reads outside {ROOT} (beside it in {SANDBOX.parent}) fail the test"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if SANDBOX is None:
+        return
+    found = _OUTSIDE_TESTS + _sandbox_violations()
+    if found:  # outside any test: collection, or after the last test
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print("\nhsae sandbox: read outside the clone outside any test:\n  " + "\n  ".join(found))
+    Path(SANDBOX.log).unlink(missing_ok=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SANDBOX is not None:
+        terminalreporter.write_line(
+            f"hsae sandbox: {SANDBOX.n_checked} reads checked in the pytest process (and every "
+            f"Python subprocess), none outside {ROOT} unless reported above"
+        )
 
 
 # A run of a few seconds: 512 train / 256 val images, 2 epochs, CSV logs.
@@ -45,11 +131,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def hierarcaps() -> Path:
-    return require_hierarcaps()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from PIL import Image
 from hsae.backbones import make_backbone, select_tokens
 from hsae.config import BackboneConfig
 from hsae.errors import HsaeError
-from tests.conftest import require_hierarcaps
+from tests.conftest import HIERARCAPS_IMAGES
 
 # ---- timm ----------------------------------------------------------------------------
 
@@ -153,9 +153,8 @@ def test_torchvision_resnet_and_weights(tmp_path, tv_resnet18):
 
 
 def hierarcaps_image() -> Image.Image:
-    path = sorted(require_hierarcaps().glob("*.jpg"))[3]
-    image = Image.open(path).convert("RGB")
-    # The shipped photos are 256x256; a 256x180 part of one makes resize and crop both matter.
+    image = Image.open(HIERARCAPS_IMAGES / "COCO_val2014_000000000802.jpg").convert("RGB")
+    # A 256x256 photo as HierarCaps ships it; a 256x180 part makes resize and crop both matter.
     return image.crop((0, 0, 256, 180))
 
 

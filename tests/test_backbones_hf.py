@@ -216,7 +216,6 @@ def test_hf_clip_text_tower_must_fit_its_tokenizer(tmp_path, caplog, text, why):
     assert why in caplog.text
 
 
-@pytest.mark.usefixtures("hierarcaps")
 def test_hierarcaps_joint_metrics_run_on_hf_clip(clip_dirs, tmp_path):
     """evaluate.py backbone=reclip_vit_b32 dataset=hierarcaps, on the tiny CLIPModel."""
     from hsae.config import CacheConfig, DatasetConfig

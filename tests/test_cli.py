@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY, require_hierarcaps
+from tests.conftest import HIERARCAPS_IMAGES, ROOT, TINY
 
 
 def run(script: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -242,10 +242,9 @@ def test_matryoshka_groups_get_their_own_taxonomy_depth(tmp_path):
 
 @pytest.mark.slow
 def test_step1_joint_space_on_hierarcaps(tmp_path):
-    images = require_hierarcaps()
     result = run(
-        "evaluate.py", "backbone=tiny_vit", "dataset=hierarcaps", f"dataset.path={images}",
-        "dataset.max_images=30", f"out_dir={tmp_path}",
+        "evaluate.py", "backbone=tiny_vit", "dataset=hierarcaps",
+        f"dataset.path={HIERARCAPS_IMAGES}", "dataset.max_images=30", f"out_dir={tmp_path}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = tmp_path.glob("tiny_vit_l2_cls_hierarcaps-val.json")

@@ -1,11 +1,11 @@
 """Step-1 hierarchy metrics: each separates a representation built to embed the label tree
 from the same representation with shuffled labels, plus closed-form values where they
-exist. HierarCaps metrics run on the real test CSV's chain structure."""
+exist. HierarCaps metrics run on the chain structure of the real test CSV (the fixture's
+32 chains; bench/hierarcaps.py runs the same separation on all 1,000)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,8 +33,7 @@ from hsae.metrics.hierarchy import (
     path_consistency,
     probe_consistency,
 )
-
-HIERARCAPS_CSV = Path(__file__).resolve().parents[2] / "shared/data/hierarcaps/hierarcaps_test.csv"
+from tests.conftest import HIERARCAPS_CSV, HIERARCAPS_ROWS
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -294,28 +293,13 @@ def test_bad_inputs_raise_helpful_errors(tree_data):
 
 
 @pytest.fixture(scope="module")
-def hierarcaps_csv():
-    """The shared HierarCaps CSV; missing, the test fails (a skip would check nothing)."""
-    if not HIERARCAPS_CSV.is_file():
-        pytest.fail(
-            f"HierarCaps test CSV not found at {HIERARCAPS_CSV}: the tests read ../shared/data "
-            "beside this checkout"
-        )
-    return HIERARCAPS_CSV
-
-
-needs_hierarcaps = pytest.mark.usefixtures("hierarcaps_csv")
-
-
-@pytest.fixture(scope="module")
-def hierarcaps(hierarcaps_csv):
+def hierarcaps():
     return load_hierarcaps(HIERARCAPS_CSV)
 
 
-@needs_hierarcaps
 def test_load_hierarcaps_real_csv(hierarcaps):
     hc = hierarcaps
-    assert len(hc) == 1000 and hc.n_levels == 4
+    assert len(hc) == HIERARCAPS_ROWS and hc.n_levels == 4
     assert hc.chains[1][0] == "bird" and hc.chains[1][1] == "blue bird"
     assert hc.image_paths[0].name == "COCO_val2014_000000301718.jpg"
     assert all(p.is_file() for p in hc.image_paths)
@@ -370,18 +354,23 @@ def radial_embedding(caption_ids_cl: np.ndarray, e: int = 128, seed: int = 0):
     return images, captions[ids], root
 
 
-@needs_hierarcaps
 def test_hierarcaps_metrics_separate_radial_from_random(hierarcaps):
     ids = hierarcaps.caption_ids_cl
     images, texts, root = radial_embedding(ids)
     high = hierarcaps_metrics(images, texts, root, ids)
+    # Random embeddings, averaged over 20 draws: on 32 chains one draw's tau spreads by
+    # +-0.09 around 0 (on 1,000 chains by +-0.02), the mean of 20 by +-0.02.
     gen = torch.Generator().manual_seed(1)
-    low = hierarcaps_metrics(
-        torch.randn(images.shape, generator=gen),
-        torch.randn(texts.shape, generator=gen),
-        torch.randn(root.shape, generator=gen),
-        ids,
-    )
+    draws = [
+        hierarcaps_metrics(
+            torch.randn(images.shape, generator=gen),
+            torch.randn(texts.shape, generator=gen),
+            torch.randn(root.shape, generator=gen),
+            ids,
+        )
+        for _ in range(20)
+    ]
+    low = {key: float(np.mean([d[key] for d in draws])) for key in high}
     # Captions seen at several levels (e.g. "skier") keep one radius, so a few chains tie.
     assert high["hier/kendall_tau"] > 0.9
     assert abs(low["hier/kendall_tau"]) < 0.1
@@ -389,7 +378,6 @@ def test_hierarcaps_metrics_separate_radial_from_random(hierarcaps):
     assert high["hier/retrieval_precision"] > 0.4 > 0.05 > low["hier/retrieval_precision"]
 
 
-@needs_hierarcaps
 def test_retrieval_walks_outward_along_the_chain(hierarcaps):
     ids = hierarcaps.caption_ids_cl
     images, texts, root = radial_embedding(ids)
