@@ -156,6 +156,43 @@ def test_rarely_firing_latents_are_not_scored(world):
     assert torch.isnan(res.purity_kl[0]).all() and res.level_k[0] == -1
 
 
+def test_every_interp_mean_is_over_the_scored_latents(world):
+    """``interp/ms`` and ``interp/moran_i`` average over the latents scored by every other
+    ``interp/`` mean (firing on >= 5 images), not over every latent firing on 2 or more:
+    a latent firing on 3 images, however high its MS and Moran's I, changes neither."""
+    labels, ref = world["labels"], world["ref"]
+    gen = torch.Generator().manual_seed(6)
+    acts = torch.zeros(N_IMAGES, 6)
+    acts[:, 0] = torch.rand(N_IMAGES, generator=gen)  # scored, fires everywhere
+    acts[:, 1] = (labels[:, 2] == 4).float() * (1 + torch.rand(N_IMAGES, generator=gen))
+    for j in range(2, 6):  # 3 images of one leaf each: high MS, not scored
+        same = torch.nonzero(labels[:, 2] == j).squeeze(1)[:3]
+        acts[same, j] = torch.tensor([1.0, 1.0, 0.5])
+    moran = torch.tensor([0.1, 0.3, 0.9, 0.9, 0.9, 0.9], dtype=torch.float64)
+    ms_k = monosemanticity_score(acts, ref)
+    assert float(ms_k.mean()) > float(ms_k[:2].mean()) + 0.1  # the rare latents pull it up
+    out = interp_metrics(acts, labels, HIERARCHY, ref_emb_ne=ref, moran_i_k=moran, n_top=N_TOP)
+    assert out["interp/scored_latents"] == 2
+    assert out["interp/ms"] == pytest.approx(float(ms_k[:2].mean()))
+    assert out["interp/moran_i"] == pytest.approx(0.2)
+
+
+def test_undefined_interp_metrics_are_nan_with_a_reason(world):
+    """One scored latent: no pair of top-image sets to overlap. The overlap used to vanish
+    from the output; it is NaN, and ``skipped`` says why. Two scored latents give a value."""
+    labels = world["labels"]
+    acts = torch.zeros(N_IMAGES, 2)
+    acts[:, 0] = (labels[:, 2] == 4).float()
+    acts[:3, 1] = 1.0  # below min_fired: not scored
+    one = interp_metrics(acts, labels, HIERARCHY, n_top=N_TOP)
+    assert one["interp/scored_latents"] == 1
+    for name in ("interp/top_overlap", "interp/uniqueness"):
+        assert math.isnan(one[name]) and "2 scored latents" in one.skipped[name]
+    acts[:, 1] = (labels[:, 2] == 5).float()
+    two = interp_metrics(acts, labels, HIERARCHY, n_top=N_TOP)
+    assert two["interp/top_overlap"] == 0.0 and not two.skipped
+
+
 # --- MS --------------------------------------------------------------------------------------
 
 
@@ -278,12 +315,14 @@ PARENT_CHILD = Hierarchy.from_nested(
 )
 
 
-def parent_child_dictionary(absorbed: bool, n: int = 540, d: int = 16):
+def parent_child_dictionary(absorbed: bool, n: int = 540, d: int = 16, dropout: bool = False):
     """Images of child ``c`` of parent ``p`` are ``P_p + C_c + noise`` (orthonormal
     directions). Without absorption the SAE has a parent latent (decoder ``P_p``) firing on
     every image of ``p`` and child latents (decoder ``C_c``). With absorption the parent
     latent fires only on child 0's images; children 1 and 2 have latents with decoder
-    ``(P_p + C_c) / sqrt(2)`` that carry the parent direction instead."""
+    ``(P_p + C_c) / sqrt(2)`` that carry the parent direction instead. With ``dropout``
+    (and no absorption) the parent latent is off on a random half of its images and
+    nothing carries its direction there: misses, not absorption."""
     gen = torch.Generator().manual_seed(0)
     leaves = torch.arange(n) % 9
     labels = torch.as_tensor(PARENT_CHILD.labels_from_leaves(leaves.numpy()))
@@ -298,6 +337,9 @@ def parent_child_dictionary(absorbed: bool, n: int = 540, d: int = 16):
     acts[rows, 3 + labels[:, 1]] = 1.0
     if not absorbed:
         acts[rows, labels[:, 0]] = 1.0
+        if dropout:
+            dropped = torch.rand(n, generator=gen) < 0.5
+            acts[rows[dropped], labels[dropped, 0]] = 0.0
     else:
         first_child = labels[:, 1] % 3 == 0
         acts[rows[first_child], labels[first_child, 0]] = 1.5
@@ -323,6 +365,41 @@ def test_absorption_separates_absorbing_from_clean_dictionary():
     # Two of each parent's three children are absorbed.
     torch.testing.assert_close(dirty.rate_p, torch.full((3,), 2 / 3, dtype=torch.float64))
     assert (dirty.fraction_p > clean.fraction_p + 0.3).all()
+
+
+def test_absorption_is_not_a_parent_latent_that_misses():
+    """Chanin et al. (2024): an image is absorbed only when another firing latent carries
+    the parent's probe direction. A parent latent dropped at random on half its images,
+    with clean child latents orthogonal to it and nothing else to carry it, is a false
+    negative: absorption reads near 0 (it read ~0.5), the miss rate ~0.5. Planted
+    absorption still reads high, with no false negatives."""
+    acts, feats, decoder, labels = parent_child_dictionary(absorbed=False, dropout=True)
+    dropout = absorption(acts, feats, decoder, labels, PARENT_CHILD)
+    assert (dropout.n_detected_p == 180).all()
+    assert (dropout.rate_p < 0.02).all()
+    assert ((dropout.false_negative_p - 0.5).abs() < 0.1).all()
+    assert (dropout.fraction_p < 0.02).all()
+    absorbed = absorption(*parent_child_dictionary(absorbed=True), PARENT_CHILD)
+    assert (absorbed.rate_p > dropout.rate_p + 0.6).all()
+    torch.testing.assert_close(absorbed.false_negative_p, torch.zeros(3, dtype=torch.float64))
+    # Through interp_metrics: the absorption rate and the false negatives, apart.
+    out = interp_metrics(acts, labels, PARENT_CHILD, decoder_kd=decoder, feats_nd=feats, n_top=20)
+    assert out["interp/absorption_rate"] < 0.02
+    assert abs(out["interp/parent_false_negative_rate"] - 0.5) < 0.1
+    assert abs(out["interp/parent_false_negative_rate@parent"] - 0.5) < 0.1
+
+
+def test_absorber_needs_the_probe_direction_and_a_share_of_its_projection():
+    """A latent that fires where the parent's latent misses is no absorber when its
+    projection on the probe direction is a small share of the image's (``min_share``), or
+    its decoder is not aligned enough with the probe (``min_cosine``)."""
+    acts, feats, decoder, labels = parent_child_dictionary(absorbed=True)
+    faint = acts.clone()
+    faint[:, 3:] *= torch.where(acts[:, 3:] > 1.0, 0.1, 1.0)  # absorbers at a tenth
+    res = absorption(faint, feats, decoder, labels, PARENT_CHILD)
+    assert (res.rate_p < 0.02).all() and (res.false_negative_p > 0.6).all()
+    strict = absorption(acts, feats, decoder, labels, PARENT_CHILD, min_cosine=0.99)
+    assert (strict.rate_p < 0.02).all()
 
 
 def test_absorption_in_interp_metrics(planted_and_random_metrics):
@@ -380,6 +457,7 @@ def test_interp_metrics_names(planted_and_random_metrics):
         "interp/uniqueness",
         "interp/absorption_rate",
         "interp/absorption_fraction",
+        "interp/parent_false_negative_rate",
     }
     expected |= {f"interp/taxonomy_depth/group{g}" for g in range(3)}
     for lv in levels:
@@ -387,6 +465,7 @@ def test_interp_metrics_names(planted_and_random_metrics):
         expected |= {f"interp/sparse_probe@k{k}/{lv}" for k in (1, 2, 5)}
     for lv in levels[:-1]:
         expected |= {f"interp/absorption_rate@{lv}", f"interp/absorption_fraction@{lv}"}
+        expected |= {f"interp/parent_false_negative_rate@{lv}"}
     assert set(planted) == expected
     assert all(isinstance(v, float) for v in planted.values())
 

@@ -37,6 +37,7 @@ from hsae.metrics.hierarchy import (
     require_classes,
     stratified_split,
 )
+from hsae.metrics.results import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -455,8 +456,12 @@ class AbsorptionResult:
     """Each parent class's own latents (class-mean difference), ``[n_parents, m]``."""
     rate_p: torch.Tensor
     """Per parent: absorbed images / images of the parent the probe detects."""
+    false_negative_p: torch.Tensor
+    """Per parent: images where the parent's latents miss and no latent absorbs it /
+    images of the parent the probe detects."""
     fraction_p: torch.Tensor
-    """Per parent: mean share of the probe-aligned reconstruction carried by other latents."""
+    """Per parent: mean absorption fraction (SAEBench's, with partial absorption) over the
+    detected images."""
     n_detected_p: torch.Tensor
     """Per parent: images of the parent (child-class images) the probe detects."""
 
@@ -470,28 +475,41 @@ def absorption(
     level: int = 0,
     n_parent_latents: int = 1,
     fire_threshold: float = 0.0,
+    min_cosine: float = 0.025,
+    min_share: float = 0.4,
+    fraction_min_cosine: float = 0.1,
+    max_absorbers: int = 3,
     weight_decay: float = 1e-4,
+    chunk: int = 1024,
 ) -> AbsorptionResult:
-    """Feature absorption, the vision analogue of Chanin et al. (2024), for every class
+    """Feature absorption (Chanin et al. 2024, as SAEBench computes it) for every class
     ``p`` at ``level`` (a *parent*: its images are the images of its child classes).
 
     1. Probe: a class-balanced one-vs-rest logistic probe for ``p`` on the SAE's input
        features ``feats_nd``; its weight vector in feature space, unit-normalised, is the
-       parent direction ``v_p``. The probe *detects* ``p`` on an image when its logit > 0.
+       parent direction ``v_p``. The probe *detects* ``p`` on an image of ``p`` when its
+       logit is > 0 and the image's *probe projection* ``P = x . v_p - mean_{images not of
+       p}(x . v_p)`` is > 0 (measured from the images without ``p``, so a mean offset of
+       the features that no latent carries does not count).
     2. Parent latents ``S_p``: the ``n_parent_latents`` latents with the largest class-mean
-       activation difference for ``p`` (as in sparse probing).
-    3. On each image of ``p`` the probe detects, latent ``j`` contributes
-       ``c_j = a_j * max(0, d_j . v_p)`` to the reconstruction's projection onto ``v_p``
-       (``d_j`` = decoder row ``j``, ``a_j`` >= 0 its activation; negative alignments are
-       left out so they cannot cancel a share). The image's absorption fraction is
-       ``sum_{j not in S_p} c_j / sum_j c_j`` (images with ``sum_j c_j = 0`` are skipped).
-    4. The image is *absorbed* when every parent latent is off (``a_j <= fire_threshold``
-       for ``j in S_p``) while the probe detects ``p`` and other latents carry part of
-       ``v_p`` (``sum_{j not in S_p} c_j > 0``).
+       activation difference for ``p`` (as in sparse probing). They *miss* an image when
+       every one is ``<= fire_threshold``.
+    3. Latent ``j`` contributes ``c_j = a_j (d_j . v_p)`` to the projection (``d_j`` its
+       decoder row) and is aligned with the probe by ``cos(d_j, v_p)``.
+    4. A detected image is *absorbed* when the parent latents miss and the latent with the
+       largest ``c_j`` has ``cos(d_j, v_p) >= min_cosine`` and ``c_j >= min_share * P``: a
+       latent that fires carries the parent's direction in place of the parent's own. A miss
+       without such a latent is a *false negative* (the parent latent is just unreliable).
+    5. Absorption fraction (SAEBench, Till): with ``M = sum_{j in S_p} c_j`` and ``A`` the sum
+       of the ``max_absorbers`` largest positive ``c_j`` outside ``S_p`` with
+       ``cos >= fraction_min_cosine``: 0 when ``M >= P`` or ``A < min_share * P``, 1 when
+       ``M <= 0``, else ``min(A, P - M) / (min(A, P - M) + M)``.
 
-    ``rate_p`` = absorbed / detected images of ``p``; ``fraction_p`` = the mean absorption
-    fraction over them. Both are 0 for an SAE whose parent latent fires wherever the parent
-    is present and whose child latents are orthogonal to ``v_p``.
+    ``rate_p``, ``false_negative_p``: absorbed, missed-unabsorbed / detected images of ``p``;
+    ``fraction_p``: mean fraction over them. Defaults are SAEBench's (``min_cosine`` 0.025,
+    ``min_share`` 0.4, ``fraction_min_cosine`` 0.1, 3 absorbers). All are 0 for an SAE whose
+    parent latent fires wherever the parent is present; a clean child latent does not absorb,
+    since the probe leans on it for a small share of ``P`` only.
     """
     acts, labels = _acts_and_labels(acts_nk, labels_nl, hierarchy)
     feats = as_features(feats_nd).to(acts.device)
@@ -508,34 +526,60 @@ def absorption(
         )
     if not 0 <= level < hierarchy.n_levels:
         raise HsaeError(f"absorption level {level} out of range [0, {hierarchy.n_levels})")
+    if not 0 < min_share <= 1 or max_absorbers < 1:
+        raise HsaeError(
+            f"absorption: min_share={min_share} must be in (0, 1] and max_absorbers="
+            f"{max_absorbers} >= 1"
+        )
     col = labels[:, level]
     n_parents = hierarchy.n_classes(level)
     onehot = F.one_hot(col, n_parents)
     probe = fit_ovr_probes(feats, onehot, weight_decay=weight_decay)
-    detected = probe.logits(feats) > 0  # [n, P]
-    direction = F.normalize(probe.direction_do(), dim=0)  # [d, P]
-    align = (decoder @ direction).clamp_min(0)  # [k, P]
+    rows = torch.arange(len(col), device=acts.device)
+    direction = F.normalize(probe.direction_do().float(), dim=0)  # [d, P]
+    proj_pk = (decoder.float() @ direction).T.contiguous()  # [P, k]: c_j per unit activation
+    cos_pk = proj_pk / decoder.float().norm(dim=1).clamp_min(1e-30)[None]
+    x_proj = feats.float() @ direction  # [n, P]
+    others = ~onehot.bool()
+    baseline = (x_proj * others).sum(dim=0) / others.sum(dim=0).clamp_min(1)
+    p_n = x_proj[rows, col] - baseline[col]
+    detected = (probe.logits(feats)[rows, col] > 0) & (p_n > 0)
+    parents = mean_difference_latents(acts, col, n_parents, n_parent_latents)  # [P, m]
     # SAE codes are non-negative; anything below 0 is "off". No copy when there is none
     # (at 50,000 images x 24,576 latents the copy is 4.9 GB).
     a = acts if bool(acts.min() >= 0) else acts.clamp_min(0)
-    total = (a @ align).double()  # [n, P]
-    parents = mean_difference_latents(acts, col, n_parents, n_parent_latents)  # [P, m]
-    own = (
-        a[:, parents] * align[parents, torch.arange(n_parents, device=acts.device)[:, None]][None]
-    ).sum(-1)
-    others = total - own.double()
-    parent_off = (a[:, parents] <= fire_threshold).all(dim=-1)  # [n, P]
-    is_parent = onehot.bool()
-    detected_p = detected & is_parent
-    absorbed = detected_p & parent_off & (others > 1e-12 * total.amax().clamp_min(1e-30))
-    n_det = detected_p.sum(dim=0)
-    rate = absorbed.sum(dim=0).double() / n_det.clamp_min(1)
-    has_mass = detected_p & (total > 0)
-    frac = torch.where(has_mass, others / total.clamp_min(1e-300), 0.0).sum(dim=0)
-    frac = frac / has_mass.sum(dim=0).clamp_min(1)
-    rate = torch.where(n_det > 0, rate, math.nan)
-    frac = torch.where(has_mass.any(dim=0), frac, math.nan)
-    return AbsorptionResult(level, parents, rate, frac, n_det)
+    absorbed = torch.zeros(len(col), dtype=torch.bool, device=acts.device)
+    missed = torch.zeros_like(absorbed)
+    fraction = torch.zeros(len(col), dtype=torch.float64, device=acts.device)
+    det_idx = torch.nonzero(detected).squeeze(1)
+    # Chunks of detected images, each against its own parent's column: [chunk, k] at a time.
+    for start in range(0, len(det_idx), chunk):
+        idx = det_idx[start : start + chunk]
+        par = col[idx]
+        own = parents[par]  # [c, m]
+        c_ck = a[idx].float() * proj_pk[par]
+        p_c = p_n[idx]
+        miss = (a[idx[:, None], own] <= fire_threshold).all(dim=1)
+        top_c, top_j = c_ck.max(dim=1)
+        full = miss & (cos_pk[par, top_j] >= min_cosine) & (top_c >= min_share * p_c)
+        main = c_ck.gather(1, own).sum(dim=1)
+        c_ck.scatter_(1, own, 0.0)  # absorbers are latents other than the parent's
+        c_ck = torch.where(cos_pk[par] >= fraction_min_cosine, c_ck.clamp_min(0), 0.0)
+        absorb = c_ck.topk(min(max_absorbers, c_ck.shape[1]), dim=1).values.sum(dim=1)
+        taken = torch.minimum(absorb, p_c - main)
+        frac = torch.where(main <= 0, 1.0, taken / (taken + main).clamp_min(1e-30))
+        frac = torch.where((main >= p_c) | (absorb < min_share * p_c), 0.0, frac)
+        absorbed[idx], missed[idx], fraction[idx] = full, miss & ~full, frac.double()
+    n_det = torch.bincount(col[detected], minlength=n_parents)
+
+    def per_parent(values_n: torch.Tensor) -> torch.Tensor:
+        sums = torch.zeros(n_parents, dtype=torch.float64, device=acts.device)
+        sums.index_add_(0, col[detected], values_n[detected].double())
+        return torch.where(n_det > 0, sums / n_det.clamp_min(1), math.nan)
+
+    return AbsorptionResult(
+        level, parents, per_parent(absorbed), per_parent(missed), per_parent(fraction), n_det
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -783,7 +827,7 @@ def fidelity_metrics(
     test_fraction: float = 0.3,
     seed: int = 0,
     weight_decay: float = 1e-4,
-) -> dict[str, float]:
+) -> Metrics:
     """Probe accuracy with the SAE spliced in: a linear probe per level trained on the
     original features (training split), scored on the held-out split of the original,
     reconstructed and ablated features (e.g. zeros, or the backbone's output with the layer
@@ -802,7 +846,7 @@ def fidelity_metrics(
     train_idx, test_idx = stratified_split(labels[:, -1], test_fraction, seed)
     tr = torch.as_tensor(train_idx, device=feats.device)
     te = torch.as_tensor(test_idx, device=feats.device)
-    out: dict[str, float] = {}
+    out = Metrics()
     for level, name in enumerate(hierarchy.level_names):
         require_classes(labels[:, level], f"fidelity probe at level {name!r}")
         probe = fit_linear_probe(
@@ -816,9 +860,13 @@ def fidelity_metrics(
         for kind, value in acc.items():
             out[f"fidelity/probe_acc@{name}/{kind}"] = value
         gap = acc["original"] - acc["ablated"]
-        out[f"fidelity/recovered@{name}"] = (
-            (acc["reconstructed"] - acc["ablated"]) / gap if abs(gap) > 1e-9 else math.nan
-        )
+        if abs(gap) > 1e-9:
+            out[f"fidelity/recovered@{name}"] = (acc["reconstructed"] - acc["ablated"]) / gap
+        else:
+            out.undefined(
+                f"fidelity/recovered@{name}",
+                "ablation does not change the probe's accuracy: there is no gap to recover",
+            )
     return out
 
 
@@ -845,16 +893,19 @@ def interp_metrics(
     min_fired: int = 5,
     ks: Sequence[int] = (1, 2, 5),
     seed: int = 0,
-) -> dict[str, float]:
+) -> Metrics:
     """Every step-3 metric the inputs allow, as a flat dict of documented names. MS needs
     ``ref_emb_ne``; absorption needs ``decoder_kd`` and ``feats_nd`` (the SAE's inputs, one
     row per image, pooled like ``acts_nk``); ``interp/moran_i`` needs ``moran_i_k`` from a
-    ``MoranAccumulator``. What is skipped is logged."""
+    ``MoranAccumulator``. What is skipped for want of an input is logged. Every per-latent
+    mean is over one set, the *scored* latents (firing on >= ``min_fired`` images); a
+    metric without a value on this data is NaN, with the reason in ``.skipped``."""
     acts, labels = _acts_and_labels(acts_nk, labels_nl, hierarchy)
     names = hierarchy.level_names
     purity = label_purity(acts, labels, hierarchy, n_top=n_top, min_fired=min_fired)
-    n_scored = int(purity.scored_k.sum())
-    out: dict[str, float] = {"interp/scored_latents": float(n_scored)}
+    scored = purity.scored_k
+    n_scored = int(scored.sum())
+    out = Metrics({"interp/scored_latents": float(n_scored)})
     if n_scored == 0:
         raise HsaeError(
             f"no latent fires on >= {min_fired} of the {acts.shape[0]} images; the SAE is dead "
@@ -868,31 +919,71 @@ def interp_metrics(
         )
     out["interp/taxonomy_depth"] = _nanmean(purity.taxonomy_depth_k)
     for g, value in enumerate(group_taxonomy_depth(purity.taxonomy_depth_k, groups or ())):
-        out[f"interp/taxonomy_depth/group{g}"] = value
+        out.set_or_undefined(
+            f"interp/taxonomy_depth/group{g}", value,
+            f"no latent of group {g} fires on >= {min_fired} images",
+        )  # fmt: skip
     if ref_emb_ne is not None:
-        out["interp/ms"] = _nanmean(monosemanticity_score(acts, ref_emb_ne))
+        ms_k = monosemanticity_score(acts, ref_emb_ne)
+        out.set_or_undefined(
+            "interp/ms", _nanmean(ms_k[scored.to(ms_k.device)]),
+            "every scored latent has constant activations (MS needs distinct ones)",
+        )  # fmt: skip
     else:
         log.info("interp/ms skipped: no reference embedding given")
     if n_scored >= 2:
         overlap = top_set_overlap(acts, n_top=n_top, min_fired=min_fired, seed=seed)
         out["interp/top_overlap"] = overlap
         out["interp/uniqueness"] = 1.0 - overlap
+    else:
+        why = f"needs 2 scored latents (firing on >= {min_fired} images) to compare; 1 fires"
+        out.undefined("interp/top_overlap", why)
+        out.undefined("interp/uniqueness", why)
     if moran_i_k is not None:
-        out["interp/moran_i"] = _nanmean(torch.as_tensor(moran_i_k))
+        moran = torch.as_tensor(moran_i_k)
+        if moran.shape != (acts.shape[1],):
+            raise HsaeError(
+                f"moran_i_k must hold one value per latent ({acts.shape[1]}), got shape "
+                f"{tuple(moran.shape)}"
+            )
+        out.set_or_undefined(
+            "interp/moran_i", _nanmean(moran[scored.to(moran.device)]),
+            "no scored latent fires on a patch map with spatial variation",
+        )  # fmt: skip
     probes = sparse_probing(acts, labels, hierarchy, ks=ks, seed=seed)
     for (level, k), acc in probes.items():
-        out[f"interp/sparse_probe@k{k}/{names[level]}"] = _nanmean(acc)
+        out.set_or_undefined(
+            f"interp/sparse_probe@k{k}/{names[level]}", _nanmean(acc),
+            "no class of this level has images on both sides of the probes' split",
+        )  # fmt: skip
     if decoder_kd is not None and feats_nd is not None:
-        rates, fracs = [], []
-        for level in range(hierarchy.n_levels - 1):
-            res = absorption(acts, feats_nd, decoder_kd, labels, hierarchy, level=level)
-            out[f"interp/absorption_rate@{names[level]}"] = _nanmean(res.rate_p)
-            out[f"interp/absorption_fraction@{names[level]}"] = _nanmean(res.fraction_p)
-            rates.append(res.rate_p)
-            fracs.append(res.fraction_p)
-        if rates:
-            out["interp/absorption_rate"] = _nanmean(torch.cat(rates))
-            out["interp/absorption_fraction"] = _nanmean(torch.cat(fracs))
+        _absorption_metrics(out, acts, feats_nd, decoder_kd, labels, hierarchy)
     else:
         log.info("interp/absorption skipped: needs decoder_kd and feats_nd")
     return out
+
+
+def _absorption_metrics(
+    out: Metrics, acts: torch.Tensor, feats_nd: ArrayLike, decoder_kd: ArrayLike,
+    labels: torch.Tensor, hierarchy: Hierarchy,
+) -> None:  # fmt: skip
+    """``interp/absorption_rate``, ``interp/parent_false_negative_rate`` and
+    ``interp/absorption_fraction``, per non-leaf level and over all of them."""
+    kinds = {
+        "absorption_rate": "rate_p",
+        "parent_false_negative_rate": "false_negative_p",
+        "absorption_fraction": "fraction_p",
+    }
+    why = "no parent class has images its probe detects"
+    per_kind: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
+    for level in range(hierarchy.n_levels - 1):
+        res = absorption(acts, feats_nd, decoder_kd, labels, hierarchy, level=level)
+        for kind, attr in kinds.items():
+            values = getattr(res, attr)
+            out.set_or_undefined(
+                f"interp/{kind}@{hierarchy.level_names[level]}", _nanmean(values), why
+            )
+            per_kind[kind].append(values)
+    if hierarchy.n_levels > 1:
+        for kind, values in per_kind.items():
+            out.set_or_undefined(f"interp/{kind}", _nanmean(torch.cat(values)), why)
