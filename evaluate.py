@@ -47,6 +47,7 @@ def main(cfg_dict: DictConfig) -> None:
         cfg.control,
         cfg.names,
         cfg.names_vocab,
+        browser=cfg.browser,
     )
     print(format_table(metrics))
     print(f"wrote {cfg.run_dir}/eval.json")

@@ -290,6 +290,7 @@ class EvalConfig:
     n_top: int = 50  # top-activating images per latent for purity, depth, uniqueness
     out_dir: str = "runs/hierarchy"  # step 1 writes <out_dir>/<backbone>_l<layer>_<tokens>.json
     export_saelens: Optional[str] = None  # noqa: UP045 - with run_dir: write the SAE in SAELens' format here
+    browser: bool = True  # with run_dir: the feature browser in <run dir>/browser/ (hsae.browser)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # compare: where its W&B run goes
 
     def __post_init__(self) -> None:

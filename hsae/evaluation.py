@@ -419,9 +419,11 @@ def evaluate_run(
     control: bool = True,
     names: bool = True,
     names_vocab: str | Path | None = None,
+    browser: bool = False,
 ) -> dict[str, Any]:
     """Every metric that applies to the run, on a cached split; writes ``eval.json`` (with
-    the per-latent names under ``latents`` when the backbone has a text tower)."""
+    the per-latent names under ``latents`` when the backbone has a text tower) and, with
+    ``browser`` (``evaluate.py``'s default), the feature browser ``<run dir>/browser/``."""
     run_dir = Path(run_dir).resolve()
     cfg = read_run_cfg(run_dir)
     if split not in cfg["cache"]:
@@ -500,6 +502,14 @@ def evaluate_run(
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(run_dir / "eval.json")
     media = {"latents/names": latents_table} if latents_table is not None else None
+    if browser:  # from this pass's activations: no second pass over the cache
+        from hsae.browser import write_run_browser
+
+        pages = write_run_browser(
+            run_dir, sae=sae, cache=cache, acts_ik=images.acts_ik, image_ids=images.image_ids,
+            split=split, device=dev, n_top=n_top,
+        )  # fmt: skip
+        media = (media or {}) | pages.wandb_media
     _log_eval_to_wandb(run_dir, cfg, metrics, media)
     return metrics
 

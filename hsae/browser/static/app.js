@@ -150,7 +150,7 @@
       lut[4 * v] = 255;
       lut[4 * v + 1] = Math.round(230 * (1 - t));
       lut[4 * v + 2] = 0;
-      lut[4 * v + 3] = Math.round(190 * Math.min(1, t * 1.3));
+      lut[4 * v + 3] = Math.round(165 * Math.pow(t, 1.2));  // weak cells stay see-through
     }
     return lut;
   })();
