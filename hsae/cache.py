@@ -17,6 +17,10 @@ Row ``r`` comes from image ``image_ids[r // tokens_per_image]`` (``r // tokens_p
 when there are no ``image_ids``) and token ``token_index[r % tokens_per_image]`` (``-1``:
 mean-pooled, or unknown for an activations file).
 
+Variable token counts (``tokens=segments``, CAST's segment tokens): ``tokens_per_image`` is
+null and ``row_index.npy`` (``[rows, 2]``: dataset image, token) gives each row's image and
+token; ``segment_trees.npz`` holds each image's part-whole segment tree (``SegmentTreeStore``).
+
 Each shard is written to a temporary name and renamed; a killed build resumes from the
 shards whose receipts match. Concurrent builders of one cache serialise on a file lock next
 to the folder: the first builds, the others wait and reuse it. ``docs/cache.md`` has more.
@@ -25,6 +29,7 @@ to the folder: the first builds, the others wait and reuse it. ``docs/cache.md``
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -55,6 +60,8 @@ MANIFEST = "manifest.json"
 LABELS = "labels.npy"
 IMAGE_IDS = "image_ids.npy"
 IMAGE_NAMES = "images.txt"
+ROW_INDEX = "row_index.npy"  # ragged caches: [rows, 2] (dataset image, token) of each row
+SEGMENT_TREES = "segment_trees.npz"  # ragged caches: each image's segment tree
 _NUMPY_STORAGE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -302,12 +309,30 @@ class _Builder:
         req = self.req
         device = resolve_device(req.device)
         info = backbone.check_layer(req.layer)
-        _, token_index = backbone.select(torch.zeros(1, info.n_tokens, info.d_model), req.tokens)
-        tokens_per_image = len(token_index)
+        ragged = req.tokens == "segments"  # a different number of rows per image
+        if ragged:
+            from hsae.backbones.cast import CastBackbone
+
+            if not isinstance(backbone, CastBackbone):
+                raise HsaeError(
+                    f"backbone.tokens=segments needs a backbone with segment tokens (CAST, "
+                    f"loader: cast); {backbone.name} has fixed tokens: use cls, patch or mean"
+                )
+            token_index = torch.empty(0, dtype=torch.long)
+            tokens_per_image = info.n_tokens  # nominal, to size shards
+        else:
+            _, token_index = backbone.select(
+                torch.zeros(1, info.n_tokens, info.d_model), req.tokens
+            )
+            tokens_per_image = len(token_index)
         n_images = len(dataset)
         plan = self._plan(n_images, max(1, req.shard_rows // tokens_per_image))
         self.path.mkdir(parents=True, exist_ok=True)
         receipts: list[dict | None] = [self._finished(s, a, b) for s, (a, b) in enumerate(plan)]
+        if ragged:  # a shard counts as done only with its row index and trees beside it
+            receipts = [
+                r if self._ragged_path(s).exists() else None for s, r in enumerate(receipts)
+            ]
         n_done = sum(b - a for (a, b), r in zip(plan, receipts, strict=True) if r is not None)
         self._check_disk((n_images - n_done) * tokens_per_image, info.d_model)
         if n_done:
@@ -337,15 +362,22 @@ class _Builder:
                 )
                 chunks: list[torch.Tensor] = []
                 skipped: list[dict] = []
-                for images, _, failed in loader:
+                ragged_parts: list[dict] = []
+                for images, kept, failed in loader:
                     skipped.extend(
                         {"index": i, "file": e.file, "error": e.error} for i, e in failed
                     )
                     if images is not None:
                         images = backbone.normalize(images.to(device, non_blocking=True))
-                        with autocast:
-                            acts = backbone.capture(images, [req.layer])
-                        rows, _ = backbone.select(acts[req.layer].float(), req.tokens)
+                        if ragged:
+                            with autocast:
+                                segment_rows, trees = backbone.capture_segments(images, req.layer)
+                            rows = segment_rows.rows_nd.float()
+                            ragged_parts.append(_ragged_part(kept, segment_rows, trees))
+                        else:
+                            with autocast:
+                                acts = backbone.capture(images, [req.layer])
+                            rows, _ = backbone.select(acts[req.layer].float(), req.tokens)
                         if not torch.isfinite(rows).all():
                             raise HsaeError(
                                 f"backbone {backbone.name} produced NaN/Inf activations at layer "
@@ -355,6 +387,8 @@ class _Builder:
                         chunks.append(rows.to(_TORCH_DTYPES[req.dtype]).cpu())
                     progress.update(len(failed) + (0 if images is None else len(images)))
                 shard = torch.cat(chunks) if chunks else torch.empty(0, info.d_model)
+                if ragged:  # before the receipt, so a receipt means both are there
+                    _save_npz(self._ragged_path(s), _join_ragged(ragged_parts))
                 receipts[s] = self._write_shard(s, shard, first, last, skipped)
         finally:
             progress.close()
@@ -387,12 +421,33 @@ class _Builder:
             if hasattr(dataset, "image_name")
             else None,
             d_model=info.d_model,
-            tokens_per_image=tokens_per_image,
-            token_index=token_index.tolist(),
+            tokens_per_image=None if ragged else tokens_per_image,
+            token_index=None if ragged else token_index.tolist(),
             skipped=skipped_all,
-            extra={"layer": {"name": info.name, "n_tokens": info.n_tokens}},
+            extra={
+                "layer": {"name": info.name, "n_tokens": info.n_tokens},
+                **(self._finish_ragged(len(plan)) if ragged else {}),
+            },
             seconds=time.perf_counter() - t0,
         )
+        if ragged:  # the joined files are in the manifest now
+            for s in range(len(plan)):
+                self._ragged_path(s).unlink(missing_ok=True)
+
+    # -- variable token counts: per-shard row index and trees, joined at the end --
+
+    def _ragged_path(self, s: int) -> Path:
+        return self.path / f"ragged-{s:05d}.npz"
+
+    def _finish_ragged(self, n_shards: int) -> dict:
+        parts = []
+        for s in range(n_shards):
+            with np.load(self._ragged_path(s)) as f:
+                parts.append(dict(f))
+        joined = _join_ragged(parts)
+        _save_npy(self.path / ROW_INDEX, joined.pop("row_index"))
+        _save_npz(self.path / SEGMENT_TREES, joined)
+        return {"row_index": ROW_INDEX, "segment_trees": SEGMENT_TREES}
 
     # -- rows of a user's array --
 
@@ -445,8 +500,8 @@ class _Builder:
         image_ids: np.ndarray | None,
         image_names: list[str] | None,
         d_model: int,
-        tokens_per_image: int,
-        token_index: list[int],
+        tokens_per_image: int | None,
+        token_index: list[int] | None,
         skipped: list[dict],
         extra: dict,
         seconds: float,
@@ -524,6 +579,12 @@ class ActivationCache:
         self.image_ids = image_ids  # dataset index of each cached image; None: all, in order
         self.hierarchy = Hierarchy.from_dict(manifest["hierarchy"])
         self._token_index = np.asarray(manifest["token_index"])
+        # Ragged caches: [rows, 2] (dataset image, token) of every row, memory-mapped.
+        self.row_index = (
+            np.load(path / manifest["row_index"], mmap_mode="r")
+            if manifest.get("row_index")
+            else None
+        )
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> ActivationCache:
@@ -636,19 +697,112 @@ class ActivationCache:
 
     def row_image(self, rows: np.ndarray) -> np.ndarray:
         """Dataset image index of each row."""
+        if self.row_index is not None:
+            return np.asarray(self.row_index[np.asarray(rows), 0])
         image = np.asarray(rows) // self.manifest["tokens_per_image"]
         return image if self.image_ids is None else self.image_ids[image]
 
     def row_token(self, rows: np.ndarray) -> np.ndarray:
         """Token index of each row inside its image (-1: mean-pooled or unknown)."""
+        if self.row_index is not None:
+            return np.asarray(self.row_index[np.asarray(rows), 1])
         return self._token_index[np.asarray(rows) % self.manifest["tokens_per_image"]]
 
     def row_labels(self, rows: np.ndarray) -> np.ndarray:
         """``[len(rows), n_levels]`` labels of each row's image."""
         return self.labels_nl[self.row_image(rows)]
 
+    def segment_trees(self) -> SegmentTreeStore:
+        """Each image's segment tree (caches of ``tokens=segments`` only)."""
+        if not self.manifest.get("segment_trees"):
+            raise HsaeError(
+                f"{self.path} holds no segment trees: only caches built with "
+                "backbone.tokens=segments (CAST) have them"
+            )
+        return SegmentTreeStore.load(self.path / self.manifest["segment_trees"])
+
     def image_names(self) -> list[str] | None:
         """Name (file path inside the dataset) of every dataset image, by dataset index."""
         if not self.manifest.get("image_names"):
             return None
         return (self.path / self.manifest["image_names"]).read_text().splitlines()
+
+
+# ---- variable token counts: segment trees -------------------------------------------
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> str:
+    buffer = io.BytesIO()  # zip archives need a seekable file
+    np.savez(buffer, **arrays)
+    return _atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
+
+
+def _ragged_part(kept: list[int], segment_rows: Any, trees: Any) -> dict[str, np.ndarray]:
+    """One batch's row index and segment trees as arrays (dataset image ids, not batch
+    positions)."""
+    ids = np.asarray(kept, dtype=np.int64)
+    part = {
+        "row_index": np.stack(
+            [ids[segment_rows.image_n.cpu().numpy()], segment_rows.token_n.cpu().numpy()], 1
+        ).astype(np.int64),
+        "image_ids": ids,
+        "segments": trees.segments_bhw.cpu().numpy().astype(np.int16),
+    }
+    for k, (parent, weight) in enumerate(zip(trees.parents, trees.confidence, strict=True)):
+        part[f"parents_{k}"] = parent.cpu().numpy().astype(np.int16)
+        part[f"confidence_{k}"] = weight.float().cpu().numpy().astype(np.float16)
+    return part
+
+
+def _join_ragged(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate batches; per-token arrays are padded to the widest (parents -1)."""
+    if not parts:
+        return {"row_index": np.zeros((0, 2), np.int64), "image_ids": np.zeros(0, np.int64)}
+    joined = {}
+    for key in parts[0]:
+        arrays = [p[key] for p in parts]
+        if key.startswith(("parents_", "confidence_")):
+            width = max(a.shape[1] for a in arrays)
+            fill = -1 if key.startswith("parents_") else 0
+            arrays = [
+                np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill) for a in arrays
+            ]
+        joined[key] = np.concatenate(arrays)
+    return joined
+
+
+@dataclass(frozen=True)
+class SegmentTreeStore:
+    """Each cached image's segment tree: ``segments [n, h, w]`` (stage-1 token of each
+    stem-grid cell), ``parents[k] [n, s_k]`` (the stage-k+1 token each stage-k token is
+    assigned to, -1 for padding) and ``confidence[k]`` (that assignment's weight)."""
+
+    image_ids: np.ndarray
+    segments: np.ndarray
+    parents: list[np.ndarray]
+    confidence: list[np.ndarray]
+
+    @classmethod
+    def load(cls, path: Path) -> SegmentTreeStore:
+        with np.load(path) as f:
+            n_stages = sum(1 for k in f.files if k.startswith("parents_"))
+            return cls(
+                f["image_ids"],
+                f["segments"],
+                [f[f"parents_{k}"] for k in range(n_stages)],
+                [f[f"confidence_{k}"] for k in range(n_stages)],
+            )
+
+    def levels(self, image_id: int) -> list[np.ndarray]:
+        """The image's partitions of the stem grid, finest first: superpixels, then each
+        stage's clusters (``[h, w]`` segment ids each)."""
+        where = np.flatnonzero(self.image_ids == image_id)
+        if len(where) != 1:
+            raise HsaeError(f"image {image_id} has no segment tree in this cache")
+        i = int(where[0])
+        level = self.segments[i].astype(np.int64)
+        levels = [level]
+        for parents in self.parents:
+            level = parents[i].astype(np.int64)[level]
+            levels.append(level)
+        return levels
