@@ -1,6 +1,6 @@
 """Export to SAELens' on-disk format and back: the files as SAELens >= 6 lays them out, their
 meaning checked against SAELens' inference rules written out here, exact round trips, and
-(where sae_lens is installed) SAELens itself loading the folder."""
+SAELens itself loading the folder (sae-lens is in the dev extra)."""
 
 import json
 
@@ -308,11 +308,8 @@ def test_export_run_names_what_is_missing(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(EXPORTABLE))
 def test_saelens_loads_the_export(name, tmp_path):
-    saelens = pytest.importorskip(
-        "sae_lens",
-        reason="sae_lens is not installed (heavy dependencies, not in CI); the files are "
-        "checked against SAELens' inference rules above",
-    )
+    import sae_lens as saelens
+
     sae = trained(name)
     export_saelens(sae, tmp_path, {"model_name": "ViT-B-16", "hook_name": "blocks.3"})
     loaded = saelens.SAE.load_from_disk(str(tmp_path))

@@ -127,8 +127,21 @@ class Sandbox:
         )
 
     def install(self) -> Sandbox:
-        sys.addaudithook(self.hook)  # audit hooks cannot be removed: install once per process
+        global _installed
+        if _installed is not None:
+            raise SandboxError(f"a sandbox for {_installed.clone} is already installed")
+        sys.addaudithook(self.hook)  # audit hooks cannot be removed: one per process
+        _installed = self
         return self
+
+
+_installed: Sandbox | None = None
+
+
+def installed() -> Sandbox | None:
+    """This process's sandbox (tests import conftest twice, as ``conftest`` and as
+    ``tests.conftest``: both share the one hook)."""
+    return _installed
 
 
 def install_from_env() -> Sandbox | None:
