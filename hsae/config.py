@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from hsae.errors import HsaeError
+from hsae.study.config import StudyConfig
 
 TOKENS = ("cls", "patch", "mean", "all", "segments")  # segments: CAST's segment tokens
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
@@ -125,7 +126,11 @@ class SAEConfig:
     # topk, batchtopk, matryoshka, hierarchical: AuxK loss for dead latents (Gao et al. 2024).
     k_aux: Optional[int] = None  # noqa: UP045 - None: d_model // 2
     aux_coeff: float = 0.03125  # 1/32, the paper's
-    dead_tokens_threshold: int = 1_000_000  # rows without firing before a latent counts as dead
+    # A latent is dead after this many training rows without firing; null: the fraction of
+    # an epoch's rows below, so the window scales with the run (a fixed 1,000,000 exceeded
+    # the default run's 163,840 rows: AuxK never switched on and 75% of latents ended dead).
+    dead_tokens_threshold: Optional[int] = None  # noqa: UP045
+    dead_epoch_fraction: float = 0.5
     # batchtopk, matryoshka: EMA weight of each batch's smallest kept activation in the
     # inference threshold.
     threshold_momentum: float = 0.01
@@ -172,7 +177,13 @@ class SAEConfig:
             raise HsaeError(f"sae.k_aux={self.k_aux} must be > 0, or null for d_model // 2")
         if self.aux_coeff < 0:
             raise HsaeError(f"sae.aux_coeff={self.aux_coeff} must be >= 0 (0 turns AuxK off)")
-        _check_positive("sae.dead_tokens_threshold", self.dead_tokens_threshold)
+        if self.dead_tokens_threshold is not None:
+            _check_positive("sae.dead_tokens_threshold", self.dead_tokens_threshold)
+        if not self.dead_epoch_fraction > 0:
+            raise HsaeError(
+                f"sae.dead_epoch_fraction={self.dead_epoch_fraction} must be > 0 (a fraction "
+                "of an epoch's rows; or set sae.dead_tokens_threshold=<rows>)"
+            )
         if not 0 < self.threshold_momentum <= 1:
             raise HsaeError(f"sae.threshold_momentum={self.threshold_momentum} must be in (0, 1]")
         _check_positive("sae.bandwidth", self.bandwidth)
@@ -191,6 +202,13 @@ class SAEConfig:
         _check_choice("sae.activation", self.activation, ("topk", "batchtopk"))
         if self.parent_recon_coeff < 0:
             raise HsaeError(f"sae.parent_recon_coeff={self.parent_recon_coeff} must be >= 0")
+
+    def dead_rows(self, rows_per_epoch: int) -> int:
+        """The dead-latent window in rows: ``dead_tokens_threshold`` when set, else
+        ``dead_epoch_fraction`` of the rows one epoch trains on."""
+        if self.dead_tokens_threshold is not None:
+            return self.dead_tokens_threshold
+        return max(1, round(self.dead_epoch_fraction * rows_per_epoch))
 
 
 @dataclass
@@ -259,6 +277,8 @@ class RunConfig:
     # dir under bank/ (docs/training.md). Each entry overrides fields of `sae` and may set
     # `lr`, e.g. bank=[{k:8},{k:32,expansion:16},{arch:relu,l1_coeff:5}]; null: one SAE.
     bank: Optional[list[dict[str, Any]]] = None  # noqa: UP045
+    # The whole study (hsae.study, conf/study/): python train.py study=default; null: one job.
+    study: Optional[StudyConfig] = None  # noqa: UP045
     backbone: BackboneConfig = MISSING
     dataset: DatasetConfig = MISSING
     sae: SAEConfig = MISSING

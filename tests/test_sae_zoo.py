@@ -214,6 +214,23 @@ def test_topk_auxk_matches_reference_and_tracks_rows_since_fired():
     assert sae.rows_since_fired.tolist() == expected
 
 
+def test_without_a_window_no_latent_is_dead_and_the_config_resolves_one():
+    sae = make("topk", dead_tokens_threshold=None)
+    with torch.no_grad():
+        sae.rows_since_fired.fill_(10**9)
+    assert not sae.dead_latents().any()
+    out = sae.train()(data())
+    assert out.aux_loss is None
+    # The run's window: a fraction of an epoch, or the absolute number when given.
+    cfg = SAEConfig(n_latents=16)
+    assert cfg.dead_tokens_threshold is None
+    assert cfg.dead_rows(16_384) == round(cfg.dead_epoch_fraction * 16_384) < 16_384
+    assert SAEConfig(n_latents=16, dead_epoch_fraction=0.25).dead_rows(1000) == 250
+    assert SAEConfig(n_latents=16, dead_tokens_threshold=77).dead_rows(16_384) == 77
+    with pytest.raises(HsaeError, match="dead_epoch_fraction"):
+        SAEConfig(n_latents=16, dead_epoch_fraction=0.0)
+
+
 def test_auxk_trains_only_dead_latents():
     sae, x = make("topk"), data()
     dead = torch.zeros(L, dtype=torch.bool)
@@ -266,6 +283,45 @@ def test_batchtopk_uses_its_threshold_in_eval_mode():
     # A row's codes no longer depend on the rest of its batch.
     close(sae(x[:1]).codes, expected[:1])
     assert not torch.equal(sae(x).codes, torch.as_tensor(eager_batch_topk(pre, 3)))
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_calibrated_threshold_gives_eval_l0_of_k_where_the_running_average_does_not(arch):
+    extra = dict(group_fractions=[0.25, 0.25, 0.5], activation="batchtopk")
+    sae = make(arch, n_latents=40, **(extra if arch == "matryoshka" else {}))
+    x = data(n=64, seed=5)
+    sae.train()(x * 4)  # the running average starts on rows four times larger
+    sae.eval()
+    before = float((sae.encode(x) != 0).sum(dim=-1).double().mean())
+    with torch.inference_mode():  # where Lightning calls it (validation)
+        theta = sae.calibrate_threshold(x, max_elements=200)  # 5 rows per chunk
+    l0 = (sae.encode(x) != 0).sum(dim=-1).double()
+    assert l0.mean() == 3  # exactly k on the calibration rows
+    assert abs(before - 3) > 1, before  # the running average alone: far off
+    pre = rows(sae.pre_acts(x / sae.input_scale))
+    positive = sorted((v for r in pre for v in r if v > 0), reverse=True)
+    close(theta, (positive[3 * 64 - 1] + positive[3 * 64]) / 2)
+    close(sae.threshold, theta)
+
+
+def test_calibration_with_too_few_positive_pre_activations_fires_them_all():
+    sae, x = make("batchtopk", n_latents=40), data(n=8)
+    with torch.no_grad():
+        sae.b_enc.fill_(-50.0)  # nearly nothing positive
+        sae.b_enc[0] = 50.0
+    assert sae.calibrate_threshold(x) == 0.0
+    assert (sae.eval().encode(x) != 0).sum() == (sae.pre_acts(x) > 0).sum()
+
+
+def test_non_threshold_archs_calibrate_nothing():
+    for arch in ("topk", "relu", "jumprelu", "gated", "hierarchical"):
+        sae = make(arch)
+        before = {k: v.clone() for k, v in sae.state_dict().items()}
+        sae.calibrate(data(n=8))
+        assert all(torch.equal(v, sae.state_dict()[k]) for k, v in before.items()), arch
+    sae = make("matryoshka")  # its TopK inside has no threshold
+    sae.calibrate(data(n=8))
+    assert not hasattr(sae, "threshold")
 
 
 def test_batchtopk_without_threshold_falls_back_to_batch_topk():

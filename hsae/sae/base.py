@@ -221,6 +221,16 @@ class SparseAutoencoder(nn.Module, ABC):
         """``[n_latents, d]``: the direction each latent adds to the reconstruction."""
         return self.W_dec
 
+    def l0_target(self) -> int | None:
+        """Active latents per row the architecture aims at (``k`` of the TopK family), or
+        None where sparsity comes from a penalty; reported beside the measured L0."""
+        return None
+
+    def calibrate(self, rows_nd: torch.Tensor) -> None:
+        """Set inference-time statistics from training rows (input units); the trainer
+        calls it at the end of each epoch, before validation and the checkpoint. Only
+        BatchTopK's threshold has any; the rest need nothing."""
+
     @torch.no_grad()
     def init_b_pre(self, sample_nd: torch.Tensor, method: str = "geometric_median") -> None:
         """Centre the encoder on the data: the geometric median is robust to outlier rows.
@@ -365,12 +375,18 @@ class AuxKMixin:
     pre-activations then reconstruct the main reconstruction's residual, which gives dead
     latents a gradient towards what the live ones miss. ``k_aux=None`` means ``d_model // 2``
     (the paper's 512 for d=768, roughly).
+
+    ``dead_tokens_threshold=None`` (the architectures' default) counts no latent as dead:
+    the window depends on how long the SAE trains, so whoever trains it sets it. hsae's
+    trainer does, from ``sae.dead_epoch_fraction`` of an epoch's rows unless
+    ``sae.dead_tokens_threshold`` is given (``SAEConfig.dead_rows``): a fixed number of rows
+    larger than a short run never switches AuxK on.
     """
 
     d_model: int
     k_aux: int | None
     aux_coeff: float
-    dead_tokens_threshold: int
+    dead_tokens_threshold: int | None
     rows_since_fired: torch.Tensor
     training: bool
 
@@ -379,11 +395,16 @@ class AuxKMixin:
             check_positive_int("k_aux", self.k_aux, " (or None for d_model // 2)")
         if not self.aux_coeff >= 0:
             raise HsaeError(f"sae.aux_coeff={self.aux_coeff!r} must be >= 0 (0 turns AuxK off)")
-        check_positive_int("dead_tokens_threshold", self.dead_tokens_threshold)
+        if self.dead_tokens_threshold is not None:
+            check_positive_int(
+                "dead_tokens_threshold", self.dead_tokens_threshold, " (or None: nothing dead)"
+            )
         self.register_buffer("rows_since_fired", torch.zeros(n_tracked, dtype=torch.long))  # type: ignore[attr-defined]
 
     def dead_latents(self) -> torch.Tensor:
         """``[n_tracked]`` bool: latents that fired on none of the last threshold rows."""
+        if self.dead_tokens_threshold is None:
+            return torch.zeros_like(self.rows_since_fired, dtype=torch.bool)
         return self.rows_since_fired >= self.dead_tokens_threshold
 
     @torch.no_grad()

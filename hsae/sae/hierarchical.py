@@ -63,7 +63,7 @@ class HierarchicalSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         k_child: int = 1,  # the paper: one child per active parent
         k_aux: int | None = None,
         aux_coeff: float = 1 / 32,
-        dead_tokens_threshold: int = 1_000_000,
+        dead_tokens_threshold: int | None = None,
         parent_recon_coeff: float = 0.0,  # the paper's loss
     ):
         super().__init__()

@@ -70,7 +70,7 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
         activation: str = "batchtopk",  # Bussmann et al.'s choice
         k_aux: int | None = None,
         aux_coeff: float = 1 / 32,
-        dead_tokens_threshold: int = 1_000_000,
+        dead_tokens_threshold: int | None = None,
         threshold_momentum: float = 0.01,
     ):
         if activation not in ACTIVATIONS:
@@ -140,6 +140,10 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
             sparse_decode(values_nw * (indices_nw < end), indices_nw, self.W_dec) + self.b_pre
             for end in self.prefix_ends()
         ]
+
+    def calibrate(self, rows_nd: torch.Tensor) -> None:
+        if self.activation == "batchtopk":  # TopK inside needs no threshold
+            self.calibrate_threshold(rows_nd)
 
     def _observe_codes(self, codes_nl: torch.Tensor) -> None:
         if self.activation == "batchtopk":

@@ -42,8 +42,8 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         k: int,
         k_aux: int | None = None,
         aux_coeff: float = 1 / 32,  # the paper's weight
-        # Rows, not LM tokens: ~ one pass over ImageNet-1k CLS tokens (the paper: 10M tokens).
-        dead_tokens_threshold: int = 1_000_000,
+        # Rows; None: no latent counts as dead until the trainer sets the window (AuxKMixin).
+        dead_tokens_threshold: int | None = None,
     ):
         super().__init__()
         check_positive_int("n_latents", n_latents)
@@ -65,6 +65,9 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
             self.W_enc.copy_(self.W_dec.T)
             self.b_enc.zero_()
             self.b_pre.zero_()
+
+    def l0_target(self) -> int | None:
+        return self.k
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations of ``x`` in normalised units (``x / input_scale``)."""

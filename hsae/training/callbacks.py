@@ -21,6 +21,13 @@ from hsae.tracking import wandb_guard
 log = logging.getLogger(__name__)
 
 
+def to_uint8_hwc(image_chw: torch.Tensor) -> np.ndarray:
+    """``[3, h, w]`` in [0, 1] -> ``[h, w, 3]`` uint8 in 0..255. W&B casts float arrays to
+    uint8 without scaling, so [0, 1] images passed as they are come out black (0 or 1)."""
+    pixels = image_chw.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return pixels.permute(1, 2, 0).cpu().numpy()
+
+
 class LatentReport(L.Callback):
     """Logs the report into the job's W&B run when fitting ends. A bank's job logs to CSV
     (each member gets its own W&B run after training), so there ``hsae.training.run`` calls
@@ -46,9 +53,18 @@ class LatentReport(L.Callback):
     def log_to(
         self, logger: WandbLogger, sae: nn.Module, cache: ActivationCache, device: torch.device
     ) -> None:
-        """The report of ``sae`` over ``cache`` into ``logger``'s W&B run (failures warn)."""
-        with wandb_guard("log the latent report"):
-            self._report(logger.experiment, sae, cache, device)
+        """The report of ``sae`` over ``cache`` into ``logger``'s W&B run (failures warn).
+
+        In eval mode, without gradients: the codes are those ``metrics.json`` and
+        ``evaluate.py`` use (BatchTopK's threshold, not a batch selection), and no val row
+        moves a trained buffer (the threshold, AuxK's counts). The mode is restored after."""
+        was_training = sae.training
+        sae.eval()
+        try:
+            with wandb_guard("log the latent report"), torch.no_grad():
+                self._report(logger.experiment, sae, cache, device)
+        finally:
+            sae.train(was_training)
 
     def _report(self, run, sae: nn.Module, cache: ActivationCache, device: torch.device) -> None:
         import wandb
@@ -76,7 +92,7 @@ class LatentReport(L.Callback):
             # Blank tiles keep every grid the same size when a latent fired on few images.
             tiles += [torch.zeros_like(tiles[0])] * (self.top_n - len(tiles))
             grid = make_grid(torch.stack(tiles), nrow=int(np.ceil(np.sqrt(self.top_n))), padding=1)
-            images.append(wandb.Image(grid, caption=f"latent {latent}"))
+            images.append(wandb.Image(to_uint8_hwc(grid), caption=f"latent {latent}"))
         for latent in range(len(stats.frequency_k)):
             top = stats.top_images_kt[latent]
             labels = fine_labels[top[top >= 0].numpy()] if (top >= 0).any() else np.array([], int)

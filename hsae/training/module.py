@@ -15,12 +15,18 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from hsae.errors import HsaeError
 from hsae.metrics import make_sae_metrics
 from hsae.sae import SparseAutoencoder, make_sae
 from hsae.sae.base import global_batch
+from hsae.training.data import CacheDataModule
+
+# Training rows the inference statistics are calibrated on at each epoch's end (all of an
+# epoch when it is smaller): enough for a threshold quantile to ~0.1% at k >= 8.
+CALIBRATION_ROWS = 65_536
 
 
 def default_lr(n_latents: int) -> float:
@@ -175,6 +181,22 @@ class SAEModule(L.LightningModule):
         for sae in self.saes:
             if hasattr(sae, "normalize_decoder"):
                 sae.normalize_decoder()
+
+    def on_validation_epoch_start(self) -> None:
+        # The end of a training epoch: validation runs before the epoch's checkpoint, so the
+        # inference statistics set here (BatchTopK's threshold, calibrated to L0 = k on
+        # training rows) are the ones validation scores and the checkpoint saves. Not in
+        # `trainer.validate` after fit: nothing after fit changes the SAEs.
+        trainer = self.trainer
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        if not isinstance(datamodule, CacheDataModule):  # plain dataloaders: no row sample
+            return
+        # The same seeded rows on every rank and at every epoch: DDP ranks agree exactly.
+        rows = datamodule.sample(CALIBRATION_ROWS, seed=self.hparams.seed or 0).to(self.device)
+        for sae in self.saes:
+            sae.calibrate(rows)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         for sae, metrics in zip(self.saes, self.val_metrics, strict=True):

@@ -166,6 +166,32 @@ def _write_run_files(
     _write_json(run_dir / "metrics.json", metrics)
 
 
+def _rows_per_epoch(n_rows: int, cfg: RunConfig) -> int:
+    """Rows one epoch trains on: whole batches only (the last partial one is dropped)."""
+    batch = min(cfg.optim.batch_size, n_rows)
+    return n_rows // batch * batch
+
+
+def _sae_spec(sae_cfg: Any, d_model: int, rows_per_epoch: int) -> dict[str, Any]:
+    """Constructor arguments, with the dead-latent window resolved for this run."""
+    kwargs = sae_kwargs(sae_cfg, d_model)
+    if "dead_tokens_threshold" in kwargs:
+        kwargs["dead_tokens_threshold"] = sae_cfg.dead_rows(rows_per_epoch)
+    return kwargs
+
+
+def _final_metrics(final: dict[str, float], prefix: str, sae: Any) -> dict[str, float]:
+    """The member's validation metrics, its decoder geometry, and the L0 it aims at (next
+    to the measured ``l0``: the study compares SAEs at matched L0)."""
+    metrics = _member_metrics(final, prefix) | {
+        "max_decoder_cosine": float(max_decoder_cosine(sae))
+    }
+    target = sae.l0_target()
+    if target is not None:
+        metrics["l0_target"] = float(target)
+    return metrics
+
+
 def _member_name(job_name: str | None, cfg: RunConfig, member: Member) -> str:
     if job_name:
         return f"{job_name},{member.label}"
@@ -279,8 +305,9 @@ def train(
     )
     # Every member is built from the same seed (see SAEModule), so a bank member starts
     # where a single run of its config starts.
+    rows_per_epoch = _rows_per_epoch(ActivationCache.open(caches["train"]).n_rows, cfg)
     specs = [
-        {"name": m.name, "sae": sae_kwargs(m.sae, cfg.backbone.d_model), "lr": m.lr}
+        {"name": m.name, "sae": _sae_spec(m.sae, cfg.backbone.d_model, rows_per_epoch), "lr": m.lr}
         for m in members
     ]
     schedule = dict(
@@ -337,44 +364,56 @@ def train(
     trainer.fit(
         module, datamodule=datamodule, ckpt_path=str(last_ckpt) if last_ckpt.exists() else None
     )
-    (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
-    results = [
-        _member_metrics(final, module.metric_prefix(i))
-        | {"max_decoder_cosine": float(max_decoder_cosine(sae))}
-        for i, sae in enumerate(module.saes)
-    ]
-
-    if trainer.is_global_zero:
-        for member, sae, lr, metrics in zip(members, module.saes, module.lrs, results, strict=True):
-            # How the run is labelled in W&B, so evaluate.py can file its results beside it.
-            extra: dict[str, Any] = {"tracking": {"name": name, "group": cfg.logger.group or group}}
-            if is_bank:
-                extra = {
-                    "bank": {"job_dir": str(run_dir), "index": member.index, "entry": member.entry},
-                    "tracking": {
-                        "name": _member_name(job_name, cfg, member),
-                        "group": cfg.logger.group or _bank_group(group, run_dir),
-                    },
+    # Nothing after fit trains: in training mode BatchTopK would select over val rows and
+    # move its threshold, and AuxK would count them. Eval mode, no gradients: the files
+    # written below are the SAEs of the last checkpoint, scored as they will be used.
+    module.eval()
+    with torch.no_grad():
+        (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+        results = [
+            _final_metrics(final, module.metric_prefix(i), sae) for i, sae in enumerate(module.saes)
+        ]
+        if trainer.is_global_zero:
+            for member, sae, lr, metrics in zip(
+                members, module.saes, module.lrs, results, strict=True
+            ):
+                # How the run is labelled in W&B, so evaluate.py can file its results beside it.
+                extra: dict[str, Any] = {
+                    "tracking": {"name": name, "group": cfg.logger.group or group}
                 }
-            _write_run_files(member.run_dir, sae, lr, cfg, member.resolved, caches, metrics, extra)
-        if not is_bank:
-            log_summary(logger, results[0])
-            log_artifacts(logger, run_dir, caches, name)
-            finish(logger)
-        else:
-            listing = _bank_listing(run_dir, members, module.lrs)
-            for entry, metrics in zip(listing, results, strict=True):
-                entry["metrics"] = metrics
-            _write_json(run_dir / "bank.json", {"config": resolved, "members": listing})
-            if cfg.logger.kind == "wandb":
-                csv_path = Path(logger.experiment.metrics_file_path)
-                for member, sae, lr, metrics in zip(
-                    members, module.saes, module.lrs, results, strict=True
-                ):
-                    _member_wandb_run(
-                        cfg, member, sae, lr, metrics, caches, csv_path, report, val_cache,
-                        _member_name(job_name, cfg, member), _bank_group(group, run_dir),
-                        module.device,
-                    )  # fmt: skip
-        log.info("run dir: %s", run_dir)
+                if is_bank:
+                    extra = {
+                        "bank": {
+                            "job_dir": str(run_dir),
+                            "index": member.index,
+                            "entry": member.entry,
+                        },
+                        "tracking": {
+                            "name": _member_name(job_name, cfg, member),
+                            "group": cfg.logger.group or _bank_group(group, run_dir),
+                        },
+                    }
+                _write_run_files(
+                    member.run_dir, sae, lr, cfg, member.resolved, caches, metrics, extra
+                )
+            if not is_bank:
+                log_summary(logger, results[0])
+                log_artifacts(logger, run_dir, caches, name)
+                finish(logger)
+            else:
+                listing = _bank_listing(run_dir, members, module.lrs)
+                for entry, metrics in zip(listing, results, strict=True):
+                    entry["metrics"] = metrics
+                _write_json(run_dir / "bank.json", {"config": resolved, "members": listing})
+                if cfg.logger.kind == "wandb":
+                    csv_path = Path(logger.experiment.metrics_file_path)
+                    for member, sae, lr, metrics in zip(
+                        members, module.saes, module.lrs, results, strict=True
+                    ):
+                        _member_wandb_run(
+                            cfg, member, sae, lr, metrics, caches, csv_path, report, val_cache,
+                            _member_name(job_name, cfg, member), _bank_group(group, run_dir),
+                            module.device,
+                        )  # fmt: skip
+            log.info("run dir: %s", run_dir)
     return results if is_bank else results[0]
