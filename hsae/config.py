@@ -303,7 +303,9 @@ class EvalConfig:
     control: bool = True  # steer the backbone with the purest latents (control/...)
     names: bool = True  # name latents with the backbone's text tower, if any (interp/name...)
     names_vocab: Optional[str] = None  # noqa: UP045 - a file, one entry per line; default: class names
-    reference: str = "pixels"  # MS reference embedding, the same for every backbone: pixels | none
+    # MS reference embedding, the same for every backbone (hsae.metrics.reference):
+    # edges | pixels | backbone:<conf/backbone name> | none
+    reference: str = "edges"
     n_top: int = 50  # top-activating images per latent for purity, depth, uniqueness
     out_dir: str = "runs/hierarchy"  # step 1 writes <out_dir>/<backbone>_l<layer>_<tokens>.json
     export_saelens: Optional[str] = None  # noqa: UP045 - with run_dir: write the SAE in SAELens' format here
@@ -319,7 +321,9 @@ class EvalConfig:
             )
         if (self.x is None) != (self.y is None):
             raise HsaeError("compare plots need both x=<key> and y=<key>")
-        _check_choice("reference", self.reference, ("pixels", "none"))
+        from hsae.metrics.reference import check_reference  # torch: imported when checked
+
+        check_reference(self.reference)
 
 
 def path_safe(text: str, max_len: int = 120) -> str:

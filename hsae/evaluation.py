@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hsae.cache import ActivationCache, resolve_device
 from hsae.config import DatasetConfig

@@ -5,6 +5,7 @@ skipped: without Chromium or Playwright the tests fail with the command that ins
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
@@ -72,6 +73,10 @@ def server(site):
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
+
+        def handle(self):  # the page navigating away mid-transfer is no error
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                super().handle()
 
     httpd = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root))
