@@ -54,6 +54,11 @@ class CastArch:
                 f"CAST needs one cluster count per stage: depths={self.depths}, "
                 f"num_clusters={self.num_clusters}"
             )
+        if self.stem_stride not in (1, 2, 4, 8) or self.image_size % self.stem_stride:
+            raise HsaeError(
+                f"stem_stride={self.stem_stride} must be 1, 2, 4 or 8 and divide "
+                f"image_size={self.image_size}"
+            )
         if self.pos_embed not in ("sincos", "learned"):
             raise HsaeError(f"pos_embed={self.pos_embed!r}: use sincos or learned")
         if self.embed_dim % 8 or self.embed_dim % self.num_heads:
@@ -83,16 +88,18 @@ VARIANTS: dict[str, CastArch] = {
 
 
 class ConvStem(nn.Module):
-    """Four 3x3 conv-BN-ReLU layers (strides 2, 2, 2, 1; width d/8 doubling) and a 1x1
-    projection to ``d`` (Xiao et al., "Early convolutions help transformers see better")."""
+    """Four 3x3 conv-BN-ReLU layers (strides 2, 2, 2, 1 for a total stride of 8; fewer
+    stride-2 layers for smaller strides; width d/8 doubling) and a 1x1 projection to ``d``
+    (Xiao et al., "Early convolutions help transformers see better")."""
 
-    def __init__(self, embed_dim: int):
+    def __init__(self, embed_dim: int, stride: int = 8):
         super().__init__()
+        n_down = {1: 0, 2: 1, 4: 2, 8: 3}[stride]
         layers: list[nn.Module] = []
         c_in, c_out = 3, embed_dim // 8
         for i in range(4):
             layers += [
-                nn.Conv2d(c_in, c_out, 3, stride=2 if i < 3 else 1, padding=1, bias=False),
+                nn.Conv2d(c_in, c_out, 3, stride=2 if i < n_down else 1, padding=1, bias=False),
                 nn.BatchNorm2d(c_out),
                 nn.ReLU(inplace=True),
             ]
@@ -261,7 +268,7 @@ class CastModel(nn.Module):
         super().__init__()
         self.arch, self.mask_padding = arch, mask_padding
         d = arch.embed_dim
-        self.stem = ConvStem(d)
+        self.stem = ConvStem(d, arch.stem_stride)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, arch.grid**2, d))

@@ -92,3 +92,35 @@ def superpixels(image_3hw: torch.Tensor, n_segments: int, method: str = "auto") 
     # Consecutive ids, so token counts equal segment counts.
     _, consecutive = np.unique(labels, return_inverse=True)
     return torch.from_numpy(consecutive.reshape(labels.shape).astype(np.int64))
+
+
+def kmeans_superpixels(
+    images_b3hw: torch.Tensor, n_side: int, iters: int = 5, compactness: float = 1.0
+) -> torch.Tensor:
+    """Batched SLIC-like superpixels in torch, for small images inside a training loop
+    (SLIC per image per step would cost more than the model): k-means over (colour,
+    position) starting from an ``n_side x n_side`` grid of centres. Position is measured
+    in grid steps times ``compactness``, colour as given (e.g. normalised pixels). Every
+    pixel is assigned over all centres (fine for the few hundred pixels of a stand-in's
+    image). Returns ``[B, H, W]`` ids in ``0..n_side**2 - 1``; ids may be unused."""
+    b, _, h, w = images_b3hw.shape
+    step_y, step_x = h / n_side, w / n_side
+    ys = (torch.arange(h, device=images_b3hw.device, dtype=images_b3hw.dtype) + 0.5) / step_y
+    xs = (torch.arange(w, device=images_b3hw.device, dtype=images_b3hw.dtype) + 0.5) / step_x
+    pos = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(1, h * w, 2)
+    pixels = torch.cat(
+        [images_b3hw.flatten(2).transpose(1, 2), compactness * pos.expand(b, -1, -1)], dim=-1
+    )  # [b, h*w, 5]
+    grid = (torch.arange(n_side, device=pixels.device, dtype=pixels.dtype) + 0.5) * step_y
+    gy, gx = torch.meshgrid(grid.long(), grid.long(), indexing="ij")
+    centres = pixels[:, (gy * w + gx).reshape(-1)]  # [b, k, 5]
+    with torch.no_grad():
+        for _ in range(iters):
+            labels = torch.cdist(pixels, centres).argmin(dim=-1)  # [b, h*w]
+            one_hot = torch.nn.functional.one_hot(labels, centres.shape[1]).to(pixels.dtype)
+            counts = one_hot.sum(1)[..., None]
+            centres = torch.where(
+                counts > 0, one_hot.transpose(1, 2) @ pixels / counts.clamp(min=1), centres
+            )
+        labels = torch.cdist(pixels, centres).argmin(dim=-1)
+    return labels.view(b, h, w)

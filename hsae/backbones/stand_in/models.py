@@ -121,7 +121,14 @@ def make_vit(image_size: int = 32, **kwargs) -> nn.Module:
     return ConvStemViT(image_size=image_size, **kwargs)
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"vit": make_vit}
+def make_cast(image_size: int = 32, **kwargs) -> nn.Module:
+    # CAST lives in its own package (issue #14); imported only when a CAST stand-in is built.
+    from hsae.backbones.cast.stand_in import make_cast_stand_in
+
+    return make_cast_stand_in(image_size=image_size, **kwargs)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"vit": make_vit, "cast": make_cast}
 
 
 class StandIn(nn.Module):
