@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from hsae.browser.compare import read_data
 from hsae.evaluation import evaluate_run
@@ -19,6 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def patch_run(tmp_path_factory, compose):
+    """The run dir, and the media ``evaluate_run`` hands to the eval W&B run."""
+    from hsae import evaluation
     from hsae.training.run import train
 
     tmp = tmp_path_factory.mktemp("browser-run")
@@ -27,11 +31,16 @@ def patch_run(tmp_path_factory, compose):
         "sae=matryoshka", "sae.expansion=2", "sae.k=4", f"cache.dir={tmp / 'cache'}",
     ])  # fmt: skip
     train(cfg, tmp / "run")
-    evaluate_run(tmp / "run", device="cpu", interp=False, control=False, names=False, browser=True)
-    return tmp / "run"
+    media: list = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluation, "_log_eval_to_wandb", lambda *a: media.append(a[3]))
+        evaluate_run(tmp / "run", device="cpu", interp=False, control=False, names=False,
+                     browser=True)  # fmt: skip
+    return tmp / "run", media[0]
 
 
 def test_evaluate_writes_the_browser_with_heatmaps(patch_run, chromium, tmp_path):  # noqa: F811
+    patch_run, media = patch_run
     out = patch_run / "browser"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["heatmaps"] and manifest["thumbs"] == "webp"
@@ -41,7 +50,13 @@ def test_evaluate_writes_the_browser_with_heatmaps(patch_run, chromium, tmp_path
     assert meta["grid"][0] * meta["grid"][1] == n_patches
     assert meta["structure"]["kind"] == "matryoshka" and meta["n_images"] == 96
     assert meta["info"]["tokens"] == "patch" and meta["info"]["arch"] == "matryoshka"
-    assert (out / "wandb_top_images.png").exists()
+    # The same images go to the eval W&B run: a uint8 picture (not black) and a table.
+    assert media["latents/top_images"] == out / "wandb_top_images.png"
+    with Image.open(out / "wandb_top_images.png") as picture:
+        pixels = np.asarray(picture.convert("RGB"))
+    assert pixels.std() > 20 and pixels.max() > 200
+    table = media["latents/browser"]
+    assert table["columns"][0] == "latent" and len(table["rows"]) > 0
 
     page = Page(chromium, (out / "index.html").as_uri())
     p = page.page
