@@ -159,7 +159,11 @@ def index_payload(inputs: SiteInputs, shard_size: int, n_show: int, n_top: int,
         "containment": {"images": t.contain_images, "of": t.n_images}
         if t.contain_parent_k is not None
         else None,
-        "metrics": {k: v for k, v in inputs.metrics.items() if isinstance(v, int | float)},
+        "metrics": {  # NaN as null: strict JSON
+            k: None if math.isnan(v) else v
+            for k, v in inputs.metrics.items()
+            if isinstance(v, int | float)
+        },
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     return {"meta": meta, "cols": cols}
