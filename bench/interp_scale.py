@@ -97,7 +97,7 @@ def make_problem(args: argparse.Namespace):
     with torch.no_grad():
         sae.W_dec[: len(planted)] = planted
         sae.W_enc.copy_(sae.W_dec.T)
-    # Like pixel_reference: one standardised row per image, fixed for every SAE compared.
+    # Like reference_embedding: one standardised row per image, fixed for every SAE compared.
     ref_ne = feats_nd @ torch.randn(args.d, args.ref_dim, generator=gen)
     ref_ne += 2 * torch.randn(ref_ne.shape, generator=gen) * ref_ne.std()
     ref_ne = (ref_ne - ref_ne.mean(dim=0)) / ref_ne.std(dim=0).clamp_min(1e-6)
@@ -247,12 +247,12 @@ def main() -> None:
             fn = timer.wrap(step_name(fn_name), getattr(interp, fn_name))
             stack.enter_context(mock.patch.object(interp, fn_name, fn))
         stack.enter_context(
-            mock.patch.object(evaluation, "pixel_reference", lambda *a, **kw: ref_ne)
+            mock.patch.object(evaluation, "reference_embedding", lambda *a, **kw: ref_ne)
         )
         n_before = len(timer.rows)
         with timer.step("interpretability (all of it)"):
             metrics, skipped = evaluation.interpretability(
-                sae, cache, images, {"dataset": {}}, "val", "pixels", args.n_top, args.seed
+                sae, cache, images, {"dataset": {}}, "val", "edges", args.n_top, args.seed
             )
         whole = timer.rows.pop()
         parts = timer.rows[n_before:]

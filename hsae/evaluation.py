@@ -25,6 +25,8 @@ from hsae.cache import ActivationCache, resolve_device
 from hsae.config import DatasetConfig
 from hsae.errors import HsaeError
 from hsae.metrics import make_sae_metrics
+from hsae.metrics.reference import reference_embedding
+from hsae.metrics.results import skipped_of
 from hsae.metrics.sae import max_decoder_cosine
 from hsae.sae import WEIGHTS_FILE, load_sae
 from hsae.sae.base import SparseAutoencoder
@@ -120,27 +122,6 @@ def _on_gpu(images: ImagePass, device: torch.device) -> ImagePass:
     return replace(images, acts_ik=acts, feats_id=feats, recon_id=recons)
 
 
-def pixel_reference(
-    dataset_cfg: dict, split: str, image_ids: np.ndarray, size: int = 16
-) -> torch.Tensor:
-    """The default MS reference: each image's pixels at ``size`` x ``size``, standardised.
-    It depends on the images only, so it is the same for every backbone compared."""
-    from hsae.data import make_dataset
-
-    dataset = make_dataset(DatasetConfig(**dataset_cfg), split)
-    dataset.transform = None
-    out = []
-    for i in image_ids:
-        image = dataset[int(i)][0]
-        if not isinstance(image, torch.Tensor):
-            from torchvision.transforms.functional import to_tensor
-
-            image = to_tensor(image)
-        out.append(F.interpolate(image[None].float(), size=(size, size), mode="area")[0].flatten())
-    ref = torch.stack(out)
-    return (ref - ref.mean(dim=0)) / ref.std(dim=0).clamp_min(1e-6)
-
-
 def interpretability(
     sae: torch.nn.Module, cache: ActivationCache, images: ImagePass, cfg: dict, split: str,
     reference: str, n_top: int, seed: int = 0,
@@ -149,10 +130,9 @@ def interpretability(
 
     skipped = dict(images.notes)
     labels = cache.labels_nl[images.image_ids]
-    ref = None
-    if reference == "pixels":
-        ref = pixel_reference(cfg["dataset"], split, images.image_ids)
-    else:
+    # The MS reference (hsae.metrics.reference): the same for every backbone compared.
+    ref = reference_embedding(reference, cfg, split, images.image_ids, images.acts_ik.device)
+    if ref is None:
         skipped["interp/ms"] = "reference=none"
     # Every latent's own row (the hierarchical SAE's children too), not one weight matrix.
     decoder = sae.decoder_rows().detach().float().cpu()
@@ -170,6 +150,7 @@ def interpretability(
             skipped[name] = (
                 f"needs 2 latents firing on >= 5 images (pairs of top-image sets); {n_scored} do"
             )
+    skipped |= skipped_of(metrics)  # the metric functions' own reasons for their NaNs
     return metrics, skipped
 
 
@@ -584,7 +565,8 @@ def _write_step1(
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     record = {"backbone": asdict(backbone_cfg), "dataset": asdict(dataset_cfg), "split": split,
-              "cache": str(cache_path) if cache_path else None, "metrics": metrics}  # fmt: skip
+              "cache": str(cache_path) if cache_path else None, "metrics": metrics,
+              "skipped": skipped_of(metrics)}  # fmt: skip
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(out_path)

@@ -448,6 +448,63 @@ def sparse_probing(
 # ---------------------------------------------------------------------------------------
 
 
+def sibling_difference_latents(
+    acts_nk: torch.Tensor, labels_nl: torch.Tensor, hierarchy: Hierarchy, level: int, n_pick: int
+) -> torch.Tensor:
+    """``[n_classes, n_pick]``: for each class at ``level``, the latents with the largest
+    mean activation on the class minus the mean on its siblings' images (the classes that
+    share its parent); at the top level, minus the mean on every other image. Against every
+    other image, an ancestor's latent (firing on all the class's images and on few others)
+    can beat the class's own."""
+    col = labels_nl[:, level]
+    n_classes = hierarchy.n_classes(level)
+    means, _ = class_means(acts_nk, col, n_classes)
+    counts = torch.bincount(col, minlength=n_classes).to(acts_nk.dtype)[:, None]
+    if level == 0:
+        group_sum, group_count = acts_nk.sum(dim=0, keepdim=True), float(len(col))
+    else:
+        up = torch.as_tensor(hierarchy.parents[level], device=acts_nk.device)  # class -> parent
+        parent_means, _ = class_means(
+            acts_nk, labels_nl[:, level - 1], hierarchy.n_classes(level - 1)
+        )
+        parent_counts = torch.bincount(
+            labels_nl[:, level - 1], minlength=hierarchy.n_classes(level - 1)
+        )
+        group_count = parent_counts.to(acts_nk.dtype)[up][:, None]
+        group_sum = parent_means[up] * group_count
+    rest = (group_sum - means * counts) / (group_count - counts).clamp_min(1)
+    return (means - rest).topk(min(n_pick, acts_nk.shape[1]), dim=1).indices
+
+
+def _without_ancestors(
+    direction_dp: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor,
+    hierarchy: Hierarchy, level: int,
+) -> torch.Tensor:  # fmt: skip
+    """Each parent's unit probe direction minus its part along its ancestors' class-mean
+    directions (mean of the ancestor's images minus the mean of the rest), renormalised.
+    A shape's probe leans on its family's direction too; the family's latent, firing where
+    the shape's latent misses, is the ancestor's feature, not an absorber."""
+    if level == 0:
+        return direction_dp
+    feats = feats.float()
+    total, n = feats.sum(dim=0), feats.shape[0]
+    # The first image of each parent gives its ancestors (labels follow the tree).
+    first = torch.full((hierarchy.n_classes(level),), 0, dtype=torch.long, device=feats.device)
+    first.scatter_(0, labels[:, level].flip(0), torch.arange(n, device=feats.device).flip(0))
+    anc_dirs = []
+    for lv in range(level):
+        n_lv = hierarchy.n_classes(lv)
+        sums = torch.zeros(n_lv, feats.shape[1], device=feats.device)
+        sums.index_add_(0, labels[:, lv], feats)
+        counts = torch.bincount(labels[:, lv], minlength=n_lv).float()[:, None]
+        diff = sums / counts.clamp_min(1) - (total - sums) / (n - counts).clamp_min(1)
+        anc_dirs.append(diff[labels[first, lv]])  # [P, d]
+    basis, _ = torch.linalg.qr(torch.stack(anc_dirs, dim=2))  # [P, d, level], orthonormal
+    v_pd = direction_dp.T
+    v_pd = v_pd - torch.einsum("pdl,pl->pd", basis, torch.einsum("pdl,pd->pl", basis, v_pd))
+    return F.normalize(v_pd, dim=1).T
+
+
 @dataclass(frozen=True)
 class AbsorptionResult:
     level: int
@@ -487,13 +544,17 @@ def absorption(
 
     1. Probe: a class-balanced one-vs-rest logistic probe for ``p`` on the SAE's input
        features ``feats_nd``; its weight vector in feature space, unit-normalised, is the
-       parent direction ``v_p``. The probe *detects* ``p`` on an image of ``p`` when its
+       parent direction ``v_p``, less its part along ``p``'s ancestors' class-mean
+       directions (a shape's probe leans on its family, whose latent is not an absorber).
+       The probe *detects* ``p`` on an image of ``p`` when its
        logit is > 0 and the image's *probe projection* ``P = x . v_p - mean_{images not of
        p}(x . v_p)`` is > 0 (measured from the images without ``p``, so a mean offset of
        the features that no latent carries does not count).
-    2. Parent latents ``S_p``: the ``n_parent_latents`` latents with the largest class-mean
-       activation difference for ``p`` (as in sparse probing). They *miss* an image when
-       every one is ``<= fire_threshold``.
+    2. Parent latents ``S_p``: the ``n_parent_latents`` latents with the largest mean
+       activation on ``p`` minus the mean on ``p``'s siblings (the other classes under its
+       own parent; every other image at the top level): what tells ``p`` apart, not what
+       ``p`` shares with its siblings (the family's latent fires on every shape of the
+       family). They *miss* an image when every one is ``<= fire_threshold``.
     3. Latent ``j`` contributes ``c_j = a_j (d_j . v_p)`` to the projection (``d_j`` its
        decoder row) and is aligned with the probe by ``cos(d_j, v_p)``.
     4. A detected image is *absorbed* when the parent latents miss and the latent with the
@@ -536,7 +597,9 @@ def absorption(
     onehot = F.one_hot(col, n_parents)
     probe = fit_ovr_probes(feats, onehot, weight_decay=weight_decay)
     rows = torch.arange(len(col), device=acts.device)
-    direction = F.normalize(probe.direction_do().float(), dim=0)  # [d, P]
+    direction = _without_ancestors(
+        F.normalize(probe.direction_do().float(), dim=0), feats, labels, hierarchy, level
+    )  # [d, P]
     proj_pk = (decoder.float() @ direction).T.contiguous()  # [P, k]: c_j per unit activation
     cos_pk = proj_pk / decoder.float().norm(dim=1).clamp_min(1e-30)[None]
     x_proj = feats.float() @ direction  # [n, P]
@@ -544,7 +607,7 @@ def absorption(
     baseline = (x_proj * others).sum(dim=0) / others.sum(dim=0).clamp_min(1)
     p_n = x_proj[rows, col] - baseline[col]
     detected = (probe.logits(feats)[rows, col] > 0) & (p_n > 0)
-    parents = mean_difference_latents(acts, col, n_parents, n_parent_latents)  # [P, m]
+    parents = sibling_difference_latents(acts, labels, hierarchy, level, n_parent_latents)
     # SAE codes are non-negative; anything below 0 is "off". No copy when there is none
     # (at 50,000 images x 24,576 latents the copy is 4.9 GB).
     a = acts if bool(acts.min() >= 0) else acts.clamp_min(0)
