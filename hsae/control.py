@@ -1,7 +1,8 @@
 """Control: steer a backbone with one SAE latent and see whether its prediction follows.
 
 For a latent ``j`` with label ``c`` (the class its top images share), clamp ``j`` to a
-multiple of its maximum activation at the hooked layer — add ``(value - f_j(x)) * d_j`` to
+multiple of its maximum activation over the images of class ``c`` (``clamp_values``: what
+the latent reaches when its concept is present) — add ``(value - f_j(x)) * d_j`` to
 each hooked token, ``d_j`` the latent's decoder direction in the activations' own units,
 which leaves the SAE's reconstruction error in place — run the rest of the backbone, and
 read the prediction off its output with a linear readout (a probe on the tower's final
@@ -59,6 +60,32 @@ def hooked_rows(acts_btd: torch.Tensor, tokens: str, n_prefix_tokens: int) -> to
     if tokens == "all":
         return acts_btd
     raise HsaeError(f"backbone.tokens={tokens!r} is not valid; choose cls, patch, mean or all")
+
+
+def clamp_values(
+    acts_nk: torch.Tensor,
+    labels_n: torch.Tensor,
+    latents: Sequence[int],
+    latent_classes: Sequence[int],
+    multiple: float = 2.0,
+) -> list[float]:
+    """Per latent, ``multiple`` x its maximum activation (``acts_nk``: one per image, e.g.
+    the max over the image's tokens) over the images of its class: the strength its concept
+    gives it, so that clamping an image of another class there is the edit "this concept is
+    present". The max over all images would also take activations on other classes, which
+    say nothing of the concept (and reward impure latents with larger edits); the max over
+    other classes is ~0 for a clean latent, which would edit nothing."""
+    values = []
+    for latent, cls in zip(latents, latent_classes, strict=True):
+        own = acts_nk[labels_n == cls, latent]
+        peak = float(own.max()) if len(own) else 0.0
+        if not peak > 0:
+            raise HsaeError(
+                f"latent {latent} never fires on an image of its class {cls}: no strength to "
+                "clamp it to; choose latents by the classes of their top images (top_class)"
+            )
+        values.append(multiple * peak)
+    return values
 
 
 def clamp_edit(

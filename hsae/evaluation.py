@@ -256,13 +256,13 @@ def control_metrics(
     seed: int = 0, device: torch.device | str = "cpu", backbone: Any = None,
 ) -> dict[str, float]:  # fmt: skip
     """Steer the run's backbone with its most label-pure latents (hsae.control): each is
-    clamped to ``multiple`` x its maximum activation on images of other classes, and a
-    linear readout of the tower's output (fit on other images) says whether the prediction
+    clamped to ``multiple`` x its maximum activation on images of its own class
+    (``clamp_values``), and a linear readout of the tower's output (fit on other images) says whether the prediction
     at hierarchy level ``level`` moves to the latent's class. For a backbone with a text
     tower, also CLIP zero-shot accuracy at that level with the SAE spliced in. ``backbone``:
     the run's backbone when the caller has built it already (``make_run_backbone``)."""
     from hsae.config import BackboneConfig
-    from hsae.control import clamp_hit_rate, fit_readout, spliced_zero_shot
+    from hsae.control import clamp_hit_rate, clamp_values, fit_readout, spliced_zero_shot
     from hsae.data import make_dataset
     from hsae.metrics.interp import top_class
 
@@ -282,7 +282,7 @@ def control_metrics(
     if not latents:
         raise HsaeError("no latent fires on 5 or more images; control needs active latents")
     classes = [int(top.class_k[j]) for j in latents]
-    values = [multiple * float(acts[:, j].max()) for j in latents]
+    values = clamp_values(acts, labels_n, latents, classes, multiple)
 
     rng = np.random.default_rng(seed)
     order_images = rng.permutation(len(images.image_ids))
