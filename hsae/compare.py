@@ -143,12 +143,21 @@ def _columns(rows: list[dict[str, Any]], metrics: list[str]) -> list[str]:
     return ids + varying + (["n_seeds"] if "n_seeds" in keys else []) + shown
 
 
+def sort_key(value: Any) -> tuple:
+    """Numbers by value (k = 4, 8, 16, not "16" < "4"), then text, then missing values."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    if value is None:
+        return (2, 0.0, "")
+    return (1, 0.0, value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+
+
 def write_tables(
     rows: list[dict[str, Any]], metrics: list[str], out_dir: Path, notes: list[str] = ()
 ) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = _columns(rows, metrics)
-    rows = sorted(rows, key=lambda r: tuple(json.dumps(r.get(k)) for k in columns[:6]))
+    rows = sorted(rows, key=lambda r: tuple(sort_key(r.get(k)) for k in columns[:6]))
     csv_path, md_path = out_dir / "runs.csv", out_dir / "runs.md"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -175,18 +184,36 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def plot_xy(
+# Axes drawn on a log scale: widths and sparsities span decades.
+LOG_AXES = ("l0", "sae.n_latents", "sae.k")
+
+
+def _plain_number(value: float, _pos: Any = None) -> str:
+    """``4``, ``16,384``, ``0.5``, ``6.7``: as a table would write it."""
+    if value >= 1 and value == round(value):
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def make_xy_figure(
     rows: list[dict[str, Any]],
     x: str,
     y: str,
-    out_path: Path,
     group_by: tuple[str, ...],
     front: bool = False,
-) -> Path:
+) -> Any:
+    """``y`` against ``x``, one series per ``group_by`` value, error bars from ``_ci95``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import (
+        FixedLocator,
+        FuncFormatter,
+        LogLocator,
+        NullFormatter,
+        NullLocator,
+    )  # fmt: skip
 
     series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     for row in rows:
@@ -210,11 +237,35 @@ def plot_xy(
             ax.plot(fx, fy, "-", color=line[0].get_color(), alpha=0.7)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
-    if x in ("l0", "sae.n_latents", "sae.k"):
+    if x in LOG_AXES:
         ax.set_xscale("log")
+        # Plain numbers (4, 8, 16), not matplotlib's "4 x 10^0". A swept setting (k,
+        # width) gets its ticks at the values the runs have; a measured one (l0) at 1-2-5.
+        values = sorted({p[0] for pts in series.values() for p in pts if p[0] > 0})
+        if x.startswith("sae.") and len(values) <= 12:
+            ax.xaxis.set_major_locator(FixedLocator(values))
+        else:
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(_plain_number))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, title=" / ".join(group_by), title_fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_xy(
+    rows: list[dict[str, Any]],
+    x: str,
+    y: str,
+    out_path: Path,
+    group_by: tuple[str, ...],
+    front: bool = False,
+) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = make_xy_figure(rows, x, y, group_by, front)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path)
     plt.close(fig)

@@ -58,3 +58,54 @@ def test_wandb_group_rows_use_the_logged_names():
     assert metrics == ["fvu", "interp/ms", "l0"]
     with pytest.raises(HsaeError, match="entity"):
         collect_wandb_runs("hsae/sweep1", api=api)
+
+
+def test_tables_sort_numbers_as_numbers(tmp_path):
+    from hsae.compare import write_tables
+
+    rows = [{"sae.k": k, "fvu": 1.0 / k} for k in (16, 4, 8, 128)]
+    md_path, csv_path = write_tables(rows, ["fvu"], tmp_path)
+    md_ks = [line.split("|")[1].strip() for line in md_path.read_text().splitlines()[2:]]
+    assert md_ks == ["4", "8", "16", "128"]
+    csv_ks = [line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]]
+    assert csv_ks == ["4", "8", "16", "128"]
+
+
+def test_mixed_and_missing_values_sort_without_error(tmp_path):
+    from hsae.compare import write_tables
+
+    rows = [{"sae.arch": a, "sae.k": k, "fvu": 0.1} for a, k in
+            [("topk", 8), ("relu", None), ("topk", 4), ("batchtopk", 16)]]  # fmt: skip
+    md_path, _ = write_tables(rows, ["fvu"], tmp_path)
+    cells = [
+        [c.strip() for c in line.split("|")[1:3]] for line in md_path.read_text().splitlines()[2:]
+    ]
+    assert cells == [["batchtopk", "16"], ["relu", ""], ["topk", "4"], ["topk", "8"]]
+
+
+def test_log_axes_have_plain_tick_labels_at_the_data(tmp_path):
+    from hsae.compare import make_xy_figure
+
+    rows = [{"sae.k": k, "fvu": 1.0 / k, "sae.arch": "topk"} for k in (16, 4, 8)]
+    fig = make_xy_figure(rows, "sae.k", "fvu", ("sae.arch",))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = [
+        t.get_text() for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True)
+    ]
+    shown = [label for label in labels if label]
+    assert shown == ["4", "8", "16"], shown
+    assert ax.get_xscale() == "log"
+
+
+def test_measured_log_axes_get_plain_1_2_5_ticks(tmp_path):
+    from hsae.compare import make_xy_figure
+
+    rows = [{"l0": l0, "fvu": 1.0 / l0} for l0 in (1.7, 3.4, 6.7, 13.4, 27.0)]
+    fig = make_xy_figure(rows, "l0", "fvu", ())
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    shown = [t.get_text() for t in ax.get_xticklabels(minor=True) + ax.get_xticklabels()
+             if t.get_text() and lo <= t.get_position()[0] <= hi]  # fmt: skip
+    assert shown == ["2", "5", "10", "20"], shown
