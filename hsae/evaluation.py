@@ -394,7 +394,7 @@ def evaluate_run(
     batch_size: int = 4096,
     device: str = "auto",
     interp: bool = True,
-    reference: str = "pixels",
+    reference: str = "edges",
     n_top: int = 50,
     control: bool = True,
     names: bool = True,
