@@ -84,6 +84,26 @@ def test_purest_level_follows_the_class_a_latent_detects():
     assert table.dist_count_kld[12, 2, 0] == table.n_top_k[12] == min(20, (labels[:, 2] == 0).sum())
 
 
+def test_purity_level_and_depth_equal_label_purity():
+    """The browser's purity numbers are eval.json's: against ``label_purity`` itself, on
+    latents from pure to impure (random images firing above a detector's own)."""
+    from hsae.metrics.interp import label_purity
+
+    acts, labels, _ = synthetic_latents()
+    gen = torch.Generator().manual_seed(3)
+    swap = torch.rand(acts.shape, generator=gen) < 0.02
+    noisy = torch.where(swap, 3 + torch.rand(acts.shape, generator=gen), acts)
+    for a in (acts, noisy):  # no ties: their order is free ("ties: any order")
+        mine = latent_table(a, labels, HIERARCHY, n_top=20, n_show=6, block=11)
+        ref = label_purity(a, labels, HIERARCHY, n_top=20)
+        np.testing.assert_allclose(mine.purity_kl, ref.purity_kl.numpy())
+        np.testing.assert_allclose(mine.adjusted_kl, ref.adjusted_kl.numpy())
+        np.testing.assert_allclose(mine.depth_k, ref.taxonomy_depth_k.numpy())
+        np.testing.assert_array_equal(mine.level_k, ref.level_k.numpy())
+    low = latent_table(noisy, labels, HIERARCHY, n_top=20, n_show=6)
+    assert np.nanmax(low.purity_kl[3:12, 1]) < 0.7  # random images on top: margin > 0.3
+
+
 def test_the_same_numbers_from_a_sparse_matrix_and_any_block_size():
     import scipy.sparse as sp
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,9 +24,9 @@ import torch
 
 from hsae.errors import HsaeError
 from hsae.hierarchy import Hierarchy
-from hsae.metrics.interp import label_purity, top_images
+from hsae.metrics.interp import top_images
 
-ActsLike = torch.Tensor | sp.spmatrix | sp.sparray
+ActsLike: TypeAlias = torch.Tensor | sp.spmatrix | sp.sparray
 
 
 def n_latents_of(acts: ActsLike) -> int:
@@ -73,6 +74,63 @@ class LatentTable:
     contain_images: int = 0
 
 
+@dataclass
+class _Block:
+    """One block of ``c`` latents: firing counts, sums, maxima and top images."""
+
+    n_fired_c: np.ndarray
+    total_c: np.ndarray
+    image_nnz_n: np.ndarray
+    index_ct: torch.Tensor
+    valid_ct: torch.Tensor
+    value_ct: torch.Tensor
+
+
+def _dense_block(a: torch.Tensor, n_top: int) -> _Block:
+    fired = a > 0
+    top = top_images(a, n_top)  # sparse-aware: sorts the positive entries only
+    cols = torch.arange(a.shape[1], device=a.device)[:, None].expand_as(top.index_kt)
+    return _Block(
+        n_fired_c=torch.count_nonzero(fired, dim=0).cpu().numpy(),  # a bool .sum() copies to int64
+        total_c=torch.where(fired, a, 0).sum(dim=0, dtype=torch.float64).cpu().numpy(),
+        image_nnz_n=torch.count_nonzero(fired, dim=1).cpu().numpy(),
+        index_ct=top.index_kt.cpu(),
+        valid_ct=top.valid_kt.cpu(),
+        value_ct=torch.where(top.valid_kt, a[top.index_kt, cols], 0).cpu(),
+    )
+
+
+def _sparse_block(block: sp.csc_matrix, n_images: int, n_top: int) -> _Block:
+    """The same from a CSC block's stored entries alone: no dense ``[images x c]``."""
+    block = sp.csc_matrix(block)
+    block.sum_duplicates()  # also sorts each column's rows: ties go to the lower row, as top_images
+    n_cols = block.shape[1]
+    cols = np.repeat(np.arange(n_cols), np.diff(block.indptr))
+    positive = block.data > 0
+    rows, cols, vals = block.indices[positive], cols[positive], block.data[positive]
+    order = np.lexsort((-vals, cols))  # by latent, then largest first (stable)
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    n_fired = np.bincount(cols, minlength=n_cols)
+    rank = np.arange(len(cols)) - (np.cumsum(n_fired) - n_fired)[cols]
+    keep = rank < n_top
+    n_top = min(n_top, n_images)
+    index = torch.zeros(n_cols, n_top, dtype=torch.long)
+    valid = torch.zeros(n_cols, n_top, dtype=torch.bool)
+    value = torch.zeros(n_cols, n_top)
+    at = (torch.as_tensor(cols[keep]), torch.as_tensor(rank[keep]))
+    index[at] = torch.as_tensor(rows[keep], dtype=torch.long)
+    valid[at] = True
+    value[at] = torch.as_tensor(vals[keep], dtype=torch.float32)
+    return _Block(
+        n_fired_c=n_fired,
+        total_c=np.bincount(cols, weights=vals, minlength=n_cols),
+        image_nnz_n=np.bincount(rows, minlength=n_images),
+        index_ct=index,
+        valid_ct=valid,
+        value_ct=value,
+    )
+
+
 def latent_table(
     acts: ActsLike,
     labels_nl: np.ndarray,
@@ -81,8 +139,12 @@ def latent_table(
     n_show: int = 12,
     n_dist: int = 5,
     min_fired: int = 5,
+    level_tol: float = 0.05,
     block: int = 1024,
 ) -> LatentTable:
+    """Purity, chance-adjusted purity, purest level and taxonomy depth follow
+    ``hsae.metrics.interp.label_purity`` (same ``n_top``, ``min_fired``, ``level_tol``; a
+    test holds them equal), computed from the same class histograms as the distributions."""
     n_images, n_latents = int(acts.shape[0]), n_latents_of(acts)
     if n_images < 2 or n_latents < 1:
         raise HsaeError(f"the browser needs >= 2 images and >= 1 latent, got {tuple(acts.shape)}")
@@ -93,6 +155,8 @@ def latent_table(
     n_levels = hierarchy.n_levels
     n_show = min(n_show, n_top, n_images)
     labels = torch.as_tensor(np.asarray(labels_nl, dtype=np.int64))
+    # What a random set of images scores: the share of each level's most common class.
+    p0_l = [float(np.bincount(labels_nl[:, lv]).max()) / n_images for lv in range(n_levels)]
     out = LatentTable(
         n_images=n_images,
         n_fired_k=np.zeros(n_latents, np.int64),
@@ -111,43 +175,50 @@ def latent_table(
         show_value_ks=np.zeros((n_latents, n_show), np.float32),
         image_nnz_n=np.zeros(n_images, np.int64),
     )
+    dense = isinstance(acts, torch.Tensor)
     for start in range(0, n_latents, block):
         stop = min(start + block, n_latents)
-        a = column_block(acts, start, stop)
-        lab = labels.to(a.device)
-        fired = a > 0
-        n_fired = fired.sum(dim=0)
-        out.image_nnz_n += fired.sum(dim=1).cpu().numpy()
-        out.n_fired_k[start:stop] = n_fired.cpu().numpy()
-        out.max_act_k[start:stop] = a.amax(dim=0).clamp_min(0).cpu().numpy()
-        total = torch.where(fired, a, 0).sum(dim=0, dtype=torch.float64)
-        mean = torch.where(n_fired > 0, total / n_fired.clamp_min(1), math.nan)
-        out.mean_act_k[start:stop] = mean.cpu().numpy()
-        del fired
-        if int(n_fired.max()) > 0:
-            purity = label_purity(a, lab, hierarchy, n_top=n_top, min_fired=min_fired)
-            out.purity_kl[start:stop] = purity.purity_kl.cpu().numpy()
-            out.adjusted_kl[start:stop] = purity.adjusted_kl.cpu().numpy()
-            out.level_k[start:stop] = purity.level_k.cpu().numpy()
-            out.depth_k[start:stop] = purity.taxonomy_depth_k.cpu().numpy()
-        top = top_images(a, n_top)
-        valid = top.valid_kt
-        out.n_top_k[start:stop] = valid.sum(dim=1).cpu().numpy()
+        b = (
+            _dense_block(acts[:, start:stop].float(), n_top)
+            if dense
+            else _sparse_block(acts[:, start:stop], n_images, n_top)
+        )
+        sl = slice(start, stop)
+        out.image_nnz_n += b.image_nnz_n
+        out.n_fired_k[sl] = b.n_fired_c
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out.mean_act_k[sl] = np.where(b.n_fired_c > 0, b.total_c / b.n_fired_c, math.nan)
+        out.max_act_k[sl] = b.value_ct[:, 0].clamp_min(0).numpy()
+        valid = b.valid_ct
+        n_top_c = valid.sum(dim=1).double()
+        out.n_top_k[sl] = n_top_c.long().numpy()
+        scored = n_top_c >= max(2, min_fired)
+        same_pairs = torch.zeros(stop - start, dtype=torch.float64)
+        adjusted = torch.full((stop - start, n_levels), math.nan, dtype=torch.float64)
         for level in range(n_levels):
             n_classes = hierarchy.n_classes(level)
-            counts = torch.zeros(stop - start, n_classes, dtype=torch.int32, device=a.device)
-            counts.scatter_add_(1, lab[:, level][top.index_kt], valid.int())
+            counts = torch.zeros(stop - start, n_classes, dtype=torch.float64)
+            counts.scatter_add_(1, labels[:, level][b.index_ct], valid.double())
+            purity = (counts / n_top_c.clamp_min(1)[:, None]).max(dim=1).values
+            p0 = p0_l[level]
+            adjusted[:, level] = (purity - p0) / (1 - p0) if p0 < 1 else math.nan
+            same_pairs += (counts * (counts - 1)).sum(dim=1) / 2
+            out.purity_kl[sl, level] = torch.where(scored, purity, math.nan).numpy()
             d = min(n_dist, n_classes)
             count, cls = counts.topk(d, dim=1)
             cls = torch.where(count > 0, cls, -1)
-            out.dist_class_kld[start:stop, level, :d] = cls.cpu().numpy()
-            out.dist_count_kld[start:stop, level, :d] = count.cpu().numpy()
-            out.top_class_kl[start:stop, level] = cls[:, 0].cpu().numpy()
-        rows = top.index_kt[:, :n_show]
-        shown = valid[:, :n_show]
-        cols = torch.arange(stop - start, device=a.device)[:, None].expand_as(rows)
-        out.show_value_ks[start:stop] = torch.where(shown, a[rows, cols], 0).cpu().numpy()
-        out.show_row_ks[start:stop] = torch.where(shown, rows, -1).cpu().numpy()
+            out.dist_class_kld[sl, level, :d] = cls.numpy()
+            out.dist_count_kld[sl, level, :d] = count.int().numpy()
+            out.top_class_kl[sl, level] = cls[:, 0].numpy()
+        best = adjusted.max(dim=1, keepdim=True).values
+        levels = torch.arange(n_levels).expand(stop - start, -1)
+        level_c = torch.where(adjusted >= best - level_tol, levels, -1).max(dim=1).values
+        out.level_k[sl] = torch.where(scored, level_c, -1).numpy()
+        out.adjusted_kl[sl] = torch.where(scored[:, None], adjusted, math.nan).numpy()
+        depth = same_pairs / (n_top_c * (n_top_c - 1) / 2).clamp_min(1)
+        out.depth_k[sl] = torch.where(scored, depth, math.nan).numpy()
+        out.show_row_ks[sl] = torch.where(valid[:, :n_show], b.index_ct[:, :n_show], -1).numpy()
+        out.show_value_ks[sl] = b.value_ct[:, :n_show].numpy()
     out.density_k = out.n_fired_k / n_images
     return out
 
@@ -180,7 +251,14 @@ def containment(
         subset = np.sort(order[: max(1, int(np.searchsorted(np.cumsum(cost_n[order]), budget)))])
     full = len(subset) == n_images
     rows_parts, cols_parts = [], []
-    for start in range(0, n_latents, block):
+    if not isinstance(acts, torch.Tensor):  # the stored entries as they are
+        stored = sp.csc_matrix(acts if full else acts[subset])
+        stored.sum_duplicates()
+        coo = stored.tocoo()
+        positive = coo.data > 0
+        rows_parts.append(coo.row[positive].astype(np.int32))
+        cols_parts.append(coo.col[positive].astype(np.int32))
+    for start in range(0, n_latents if isinstance(acts, torch.Tensor) else 0, block):
         a = column_block(acts, start, min(start + block, n_latents))
         if not full:
             a = a[torch.as_tensor(subset, device=a.device)]
