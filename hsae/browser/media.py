@@ -68,7 +68,9 @@ def write_thumbnails(
             return False
         thumb = Image.fromarray(as_uint8_image(image))
         thumb.thumbnail((size, size), Image.Resampling.BILINEAR)
-        kwargs = {"quality": 80, "method": 4} if fmt == "WEBP" else {}
+        kwargs = (
+            {"quality": 80, "method": 2} if fmt == "WEBP" else {}
+        )  # method 4+: 2x slower, same size
         thumb.save(out_dir / thumb_path(int(row), ext), fmt, **kwargs)
         return True
 
@@ -110,8 +112,8 @@ def overlay(image: np.ndarray, heat_p: np.ndarray, grid_hw: tuple[int, int]) -> 
     """The heatmap blended over a ``uint8 [H, W, 3]`` image (red, alpha = activation)."""
     h, w = image.shape[:2]
     cells = Image.fromarray(heat_p.reshape(grid_hw))
-    alpha = np.asarray(cells.resize((w, h), Image.Resampling.BILINEAR), np.float32)[..., None]
-    alpha = 0.7 * alpha / 255
+    cells_hw1 = np.asarray(cells.resize((w, h), Image.Resampling.BILINEAR), np.float32)[..., None]
+    alpha = 0.7 * cells_hw1 / 255
     return (image.astype(np.float32) * (1 - alpha) + _RED * alpha + 0.5).astype(np.uint8)
 
 
