@@ -72,14 +72,18 @@ def make_image_loader(labels: np.ndarray, size: int = 224):
     return load
 
 
-def make_patch_maps(grid: int):
+def make_patch_maps(grid: int, acts: sp.csc_matrix):
+    """A blob per (image, latent) peaking at the latent's activation on the image (as the
+    per-image maximum over patches does)."""
     yy, xx = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
 
     def maps(rows: np.ndarray, pair_image: np.ndarray, pair_latent: np.ndarray) -> torch.Tensor:
         seed = rows[pair_image] * 7919 + pair_latent
         cy, cx = seed % grid, (seed // grid) % grid
         d2 = (yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2
-        return torch.from_numpy(np.exp(-d2 / 4.0).reshape(len(seed), -1).astype(np.float32))
+        peak = np.asarray(acts[rows[pair_image], pair_latent]).ravel()[:, None, None]
+        blobs = peak * np.exp(-d2 / 4.0)
+        return torch.from_numpy(blobs.reshape(len(seed), -1).astype(np.float32))
 
     return maps
 
@@ -199,7 +203,7 @@ def main() -> None:
     with steps.step("pages: thumbnails, heatmaps, data files, W&B picture (build_site)"):
         result = build_site(
             args.out, inputs, load_image=make_image_loader(labels),
-            patch_maps=make_patch_maps(args.patch_grid) if args.patch_grid else None,
+            patch_maps=make_patch_maps(args.patch_grid, acts) if args.patch_grid else None,
             grid_hw=(args.patch_grid, args.patch_grid) if args.patch_grid else None,
             n_top=args.n_top, shard_size=args.shard_size, thumb_size=args.thumb_size,
         )  # fmt: skip

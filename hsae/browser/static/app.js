@@ -262,6 +262,7 @@
 
   // ---- one run's page ------------------------------------------------------------------
   var PER_PAGE = { flat: 24, tree: 8 };
+  var MAX_MEMBERS = 6;  // member cards per unit (children, contained latents)
 
   function header(run) {
     var meta = run.meta, info = meta.info || {};
@@ -454,8 +455,18 @@
     res.units.slice(page * per, (page + 1) * per).forEach(function (u) {
       var unit = el("div", { cls: "unit" }, [card(run, u[0])]);
       if (u[1].length) {
+        // A broad container can hold thousands: the first few as cards, the rest as links.
         var members = el("div", { cls: "members" });
-        u[1].forEach(function (m) { members.appendChild(card(run, m, { containment: containment })); });
+        u[1].slice(0, MAX_MEMBERS).forEach(function (m) { members.appendChild(card(run, m, { containment: containment })); });
+        if (u[1].length > MAX_MEMBERS) {
+          var more = el("div", { cls: "note more" }, ["and " + fmt(u[1].length - MAX_MEMBERS) + " more: "]);
+          u[1].slice(MAX_MEMBERS, MAX_MEMBERS + 200).forEach(function (m) {
+            more.appendChild(el("a", { href: "#q=%23" + m }, ["#" + m]));
+            more.appendChild(document.createTextNode(" "));
+          });
+          if (u[1].length > MAX_MEMBERS + 200) more.appendChild(document.createTextNode("…"));
+          members.appendChild(more);
+        }
         unit.appendChild(members);
       }
       self.list.appendChild(unit);
