@@ -184,6 +184,10 @@ def main() -> None:
     parser.add_argument("--patch-grid", type=int, default=0, help="N: N x N heatmaps; 0: none")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "browser_scale")
     parser.add_argument("--page", action="store_true", help="time the page in Chromium")
+    parser.add_argument(
+        "--dense", action="store_true",
+        help="pass the activations as a dense tensor, as evaluate.py holds them (4 bytes x images x latents)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -195,10 +199,13 @@ def main() -> None:
     steps = Steps()
     with steps.step("synthetic sparse activations (not part of the build)"):
         acts, labels, hierarchy = make_acts(args)
+    source = torch.from_numpy(acts.toarray()) if args.dense else acts
+    if args.dense:
+        print(f"  dense input: {source.numel() * 4 / 2**30:.2f} GiB", flush=True)
     with steps.step("latent statistics (latent_table)"):
-        table = latent_table(acts, labels, hierarchy, n_top=args.n_top, n_show=args.n_show)
+        table = latent_table(source, labels, hierarchy, n_top=args.n_top, n_show=args.n_show)
     with steps.step("co-activation containment (containment)"):
-        containment(acts, table)
+        containment(source, table)
     inputs = SiteInputs("browser_scale", hierarchy, table, labels, info={"tokens": "synthetic"})
     with steps.step("pages: thumbnails, heatmaps, data files, W&B picture (build_site)"):
         result = build_site(
