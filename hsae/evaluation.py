@@ -34,6 +34,10 @@ from hsae.sae.base import SparseAutoencoder
 log = logging.getLogger(__name__)
 
 
+# What evaluation reads from a run's cfg.json (train.py writes these and more).
+RUN_CFG_KEYS = ("sae", "cache", "backbone", "dataset")
+
+
 def read_run_cfg(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise HsaeError(f"run_dir={run_dir} does not exist; pass the folder a train.py run wrote")
@@ -43,7 +47,20 @@ def read_run_cfg(run_dir: Path) -> dict:
                 f"run_dir={run_dir} has no {name}: the training run did not finish "
                 "(rerun it with the same hydra.run.dir to resume), or this is not a run dir"
             )
-    return json.loads((run_dir / "cfg.json").read_text())
+    path = run_dir / "cfg.json"
+    rewrite = (
+        "train.py writes it when a run finishes: rerun train.py with this hydra.run.dir and "
+        "skip_finished=false (it resumes from checkpoints/last.ckpt), or restore the file"
+    )
+    try:
+        cfg = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HsaeError(f"{path} is not valid JSON ({e}): it is damaged; {rewrite}") from None
+    missing = [key for key in RUN_CFG_KEYS if key not in cfg] if isinstance(cfg, dict) else None
+    if missing is None or missing:
+        what = "is not a JSON object" if missing is None else f"has no {missing}"
+        raise HsaeError(f"{path} {what}: it is damaged or not a run's config; {rewrite}")
+    return cfg
 
 
 @dataclass

@@ -108,15 +108,38 @@ def load_sae(path: str | Path, unfold: bool = False) -> SparseAutoencoder:
         path = path / WEIGHTS_FILE
     if not path.exists():
         raise HsaeError(f"{path} does not exist: the run did not finish, or this is not a run dir")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    damaged = (
+        "retrain the run (rerun train.py with its hydra.run.dir and skip_finished=false: it "
+        "resumes from checkpoints/last.ckpt when there is one) or restore the file"
+    )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise HsaeError(
+            f"{path} is not a readable safetensors file ({e}): it is truncated or damaged; "
+            f"{damaged}"
+        ) from None
     if "config" not in metadata:
         raise HsaeError(f"{path} has no hsae config in its metadata; it was not written by hsae")
-    config = json.loads(metadata["config"])
-    sae = make_sae(**config)
-    sae.load_state_dict(load_file(str(path)))
+    try:
+        config = json.loads(metadata["config"])
+        sae = make_sae(**config)
+    except (ValueError, TypeError) as e:
+        raise HsaeError(
+            f"{path} has a damaged hsae config in its metadata ({e}); {damaged}"
+        ) from None
+    try:
+        sae.load_state_dict(state)
+    except RuntimeError as e:  # missing tensors, or shapes that do not match the config
+        detail = " ".join(str(e).split())
+        raise HsaeError(
+            f"{path} does not match the SAE its metadata describes ({detail}): it is damaged "
+            f"or was edited; {damaged}"
+        ) from None
     # Files from before input normalisation were never scaled.
     sae.folded_input_scale = float(metadata.get(FOLDED_SCALE_KEY, "1.0"))
     if unfold:

@@ -125,6 +125,36 @@ def _image_loader(cfg: RunConfig, split: str, size: int = 64):
     return load
 
 
+def check_checkpoint(path: Path) -> None:
+    """Refuse, with the file named and what to do, a ``last.ckpt`` Lightning cannot resume
+    from: damaged, or not a checkpoint (torch's weights-only loading rightly refuses files
+    whose unpickling would run code, with a message that asks to file a PyTorch issue).
+    Memory-mapped, so the tensors are not read."""
+    fix = (
+        "delete it to train this run from the start (or restore it from a copy); hsae "
+        "writes it at the end of every epoch"
+    )
+    import pickle
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives
+        raise HsaeError(
+            f"{path} is truncated or not a checkpoint (no complete torch.save archive); {fix}"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise HsaeError(
+            f"{path} holds objects that loading would have to run code for, which hsae "
+            f"refuses (nothing in it runs): it is not an hsae checkpoint; {fix}"
+        ) from None
+    except Exception as e:  # zip and storage errors alike: the archive is unusable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HsaeError(f"{path} is truncated or damaged ({first}); {fix}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise HsaeError(f"{path} is not a Lightning checkpoint (no state_dict); {fix}")
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -322,6 +352,7 @@ def train(
         module = SAEModule(sae=specs[0]["sae"], lr=specs[0]["lr"], **schedule)
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
     if last_ckpt.exists():
+        check_checkpoint(last_ckpt)
         log.info("resuming from %s", last_ckpt)
     else:
         sample = datamodule.sample(4096, seed=cfg.seed)
