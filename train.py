@@ -1,7 +1,8 @@
 """Train an SAE on a backbone's cached activations: ``python train.py [overrides]``.
 
 Returns the configured metric (``objective``) for Hydra sweepers; for an SAE bank
-(``bank=[...]``), the best (lowest, as sweepers here minimise) objective over its members.
+(``bank=[...]``), the best (lowest, as sweepers here minimise) objective over its members. With ``study=<name>``
+it runs the whole study instead (``hsae.study``, docs/study.md) and returns 0.
 """
 
 import hydra
@@ -21,6 +22,11 @@ from hsae.config import register_configs
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @user_errors_exit
 def main(cfg: DictConfig) -> float:
+    if cfg.get("study") is not None:  # the whole study: hsae.study (docs/study.md)
+        from hsae.study.run import run_study
+
+        run_study(cfg, HydraConfig.get().runtime.output_dir)
+        return 0.0
     from hsae.training.bank import check_members
 
     check_members(cfg)  # config errors, bank entries included, fail before the heavy imports

@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from hsae.errors import HsaeError
+from hsae.study.config import StudyConfig
 
 TOKENS = ("cls", "patch", "mean", "all", "segments")  # segments: CAST's segment tokens
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
@@ -276,6 +277,8 @@ class RunConfig:
     # dir under bank/ (docs/training.md). Each entry overrides fields of `sae` and may set
     # `lr`, e.g. bank=[{k:8},{k:32,expansion:16},{arch:relu,l1_coeff:5}]; null: one SAE.
     bank: Optional[list[dict[str, Any]]] = None  # noqa: UP045
+    # The whole study (hsae.study, conf/study/): python train.py study=default; null: one job.
+    study: Optional[StudyConfig] = None  # noqa: UP045
     backbone: BackboneConfig = MISSING
     dataset: DatasetConfig = MISSING
     sae: SAEConfig = MISSING

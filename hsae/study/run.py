@@ -1,0 +1,773 @@
+"""The study, end to end: ``python train.py study=default`` (docs/study.md).
+
+Stages, each reusing what a previous run finished (and never a stale artifact):
+
+0. stand-ins: trained or found in their content-addressed store (``ensure_stand_in``);
+1. step 1 per unit: ``hierarchy_of_backbone`` on the held-out split, plus the same metrics
+   on half-samples of its images -> ``step1/<unit>.json`` (reused when the backbone, dataset
+   and halves are the same);
+2. SAEs: one bank job per unit x SAE seed (``hsae.training.run.train``) -> ``sae/<unit>/
+   seed<s>-<config hash>/bank/<member>/`` (a finished job is skipped by ``train`` itself);
+3. step 3 per SAE: ``evaluate_run`` (-> ``eval.json``), plus interpretability on the image
+   half-samples -> ``study_eval.json`` (reused when the SAE file's hash and the settings match);
+4. comparison at matched L0, verdict -> ``results.json``; report -> ``report.md`` + PNGs and
+   a W&B run of job type ``compare``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from hsae.config import BackboneConfig, CacheConfig, DatasetConfig, RunConfig, to_objects
+from hsae.errors import HsaeError
+from hsae.study import plan as plan_mod
+from hsae.study.compare import (
+    common_cells,
+    compare_kinds,
+    image_draws,
+    metric_value,
+    sae_curves,
+    stack_kind,
+)
+from hsae.study.config import StudyConfig
+from hsae.study.verdict import (
+    FAMILIES,
+    JOINT_METRICS,
+    NOT_APPLICABLE,
+    STEP1_SECONDARY,
+    Metric,
+    call,
+    derived_metrics,
+    falsifier,
+)
+
+log = logging.getLogger("hsae.study")
+RESULTS = "results.json"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, float]:
+    """Numbers only; NaN kept as None (JSON has no NaN)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v) if math.isfinite(float(v)) else None
+    return out
+
+
+def half_indices(n_images: int, n_halves: int, seed: int) -> list[np.ndarray]:
+    """``n_halves`` half-samples of ``range(n_images)``, in complementary pairs (a seeded
+    permutation split in two), the same for every backbone and SAE of a study."""
+    rng = np.random.default_rng(seed)
+    halves = []
+    for _ in range(n_halves // 2):
+        perm = rng.permutation(n_images)
+        halves += [np.sort(perm[: n_images // 2]), np.sort(perm[n_images // 2 :])]
+    return halves
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._start, 2)
+        self._start = now
+
+
+# ---- stage 0: stand-ins --------------------------------------------------------------
+
+
+def ensure_stand_ins(units: list[plan_mod.Unit]) -> dict[str, dict[str, Any]]:
+    """Train (or find) every stand-in the study uses; returns each network's store folder
+    and held-out metrics (accuracy per level, CPCC)."""
+    networks = {u.network: u.backbone for u in units if u.backbone.get("loader") == "stand_in"}
+    if not networks:
+        return {}
+    from hsae.backbones.stand_in import ensure_stand_in
+
+    out = {}
+    for i, (network, bb) in enumerate(sorted(networks.items()), 1):
+        start = time.perf_counter()
+        path = ensure_stand_in(
+            bb["model_name"], bb["pretrained"], bb["init_seed"], bb.get("recipe")
+        )
+        metrics = json.loads((path / "metrics.json").read_text())
+        log.info(
+            "study [stand-ins %d/%d] %s: %s (%.1f s)",
+            i,
+            len(networks),
+            network,
+            path.name,
+            time.perf_counter() - start,
+        )
+        out[network] = {"store": str(path), "metrics": _clean(metrics)}
+    return out
+
+
+# ---- stage 1: step 1 -----------------------------------------------------------------
+
+
+def _fingerprint(cache_dir: str | None) -> str | None:
+    if not cache_dir:
+        return None
+    manifest = Path(cache_dir) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text())["spec"].get("backbone", {}).get("fingerprint")
+
+
+def step1(
+    unit: plan_mod.Unit,
+    dataset: dict,
+    cache_cfg: CacheConfig,
+    study: StudyConfig,
+    out_dir: Path,
+    device: str,
+) -> dict[str, Any]:
+    from hsae.cache import ActivationCache, resolve_device
+    from hsae.evaluation import hierarchy_of_backbone
+    from hsae.metrics.hierarchy import hierarchy_metrics
+
+    path = out_dir / "step1" / f"{unit.name}.json"
+    key = {
+        "backbone": unit.backbone,
+        "dataset": dataset,
+        "n_image_halves": study.n_image_halves,
+        "joint_dataset": study.joint_dataset,
+        "joint": study.joint_dataset_overrides,
+    }
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record.get("key") == json.loads(json.dumps(key)):
+            return record
+        log.info("study: %s was computed with another config; recomputing", path)
+    backbone_cfg = BackboneConfig(**unit.backbone)
+    metrics, raw_path = hierarchy_of_backbone(
+        backbone_cfg, DatasetConfig(**dataset), cache_cfg, "val", out_dir / "step1" / "raw", device
+    )
+    cache_dir = json.loads(raw_path.read_text())["cache"]
+    cache = ActivationCache.open(cache_dir)
+    per_image = cache.manifest["tokens_per_image"]
+    feats = cache.load_all().view(-1, per_image, cache.d_model).mean(dim=1)
+    feats = feats.to(resolve_device(device))
+    labels = cache.labels_nl[cache.row_image(np.arange(0, cache.n_rows, per_image))]
+    halves = []
+    for idx in half_indices(len(feats), study.n_image_halves, study.boot_seed):
+        half = hierarchy_metrics(feats[idx], labels[idx], cache.hierarchy)
+        halves.append(_clean(half | derived_metrics(half)))
+    joint = None
+    if study.joint_dataset is not None:
+        joint_ds = plan_mod.group_node("dataset", study.joint_dataset) | dict(
+            study.joint_dataset_overrides
+        )
+        try:
+            joint_metrics, _ = hierarchy_of_backbone(
+                backbone_cfg,
+                DatasetConfig(**joint_ds),
+                cache_cfg,
+                "val",
+                out_dir / "step1" / "raw",
+                device,
+            )
+            joint = {"metrics": _clean(joint_metrics)}
+        except HsaeError as e:  # e.g. no text tower, or the data is not on this machine
+            joint = {"skipped": str(e)}
+            log.warning("study: joint image-text metrics skipped for %s: %s", unit.name, e)
+    record = {
+        "key": key,
+        "unit": unit.name,
+        "metrics": _clean(metrics | derived_metrics(metrics)),
+        "halves": halves,
+        "cache": cache_dir,
+        "fingerprint": _fingerprint(cache_dir),
+        "joint": joint,
+    }
+    _write_json(path, record)
+    return record
+
+
+# ---- stage 3: step 3 -----------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class BackboneCache:
+    """The backbone of the unit being evaluated, built once for all of its SAEs (control and
+    names run it; building it can cost as much as using it)."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.backbone: Any = None
+
+    def get(self, cfg: dict, device: Any) -> Any:
+        from hsae.evaluation import make_run_backbone
+
+        key = json.dumps(cfg["backbone"], sort_keys=True)
+        if key != self.key:
+            self.key, self.backbone = key, make_run_backbone(cfg, device)
+        return self.backbone
+
+
+def _step3_metrics(
+    run_dir: Path, study: StudyConfig, device: str, backbones: BackboneCache
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Interpretability on each image half (the SAE's value: their mean), control on the
+    full split, names when the backbone has a text tower; all through hsae.evaluation."""
+    import torch
+
+    from hsae.cache import ActivationCache, resolve_device
+    from hsae.evaluation import (
+        automatic_names,
+        control_metrics,
+        image_pass,
+        interpretability,
+        read_run_cfg,
+    )
+    from hsae.sae import load_sae
+
+    cfg = read_run_cfg(run_dir)
+    dev = resolve_device(device)
+    sae = load_sae(run_dir).to(dev).eval()
+    cache = ActivationCache.open(cfg["cache"]["val"])
+    images = image_pass(sae, cache, study.eval_batch_size, dev)
+    one_row = cache.manifest["tokens_per_image"] == 1
+    seed = cfg.get("seed", 0)
+    halves = []
+    for idx in half_indices(len(images.image_ids), study.n_image_halves, study.boot_seed):
+        sub = replace(
+            images,
+            acts_ik=images.acts_ik[idx],
+            feats_id=images.feats_id[idx],
+            recon_id=images.recon_id[idx],
+            image_ids=images.image_ids[idx],
+        )
+        metrics, _ = interpretability(sae, cache, sub, cfg, "val", "pixels", study.n_top, seed)
+        if one_row:  # rows are images: the SAE's own metrics on the half, exactly
+            x, x_hat = sub.feats_id.float(), sub.recon_id.float()
+            with torch.no_grad():
+                metrics["fvu"] = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+        halves.append(_clean(metrics | derived_metrics(metrics)))
+    full: dict[str, float] = {}
+    for key in sorted({k for h in halves for k in h}):
+        values = [h.get(key) for h in halves]
+        if all(v is not None for v in values):
+            full[key] = float(np.mean(values))
+    full.pop("fvu", None)  # the full split's own fvu (evaluate_run) is the estimate
+    no_backbone = cfg["dataset"]["name"] == "activations"
+    if not no_backbone and (study.control or study.names):
+        backbone = backbones.get(cfg, dev)
+        if study.control:
+            full |= control_metrics(
+                sae, cache, images, cfg, "val", seed=seed, device=dev, backbone=backbone
+            )
+        if study.names and hasattr(backbone, "encode_text"):
+            names, _ = automatic_names(
+                sae, cache, images, cfg, "val", backbone, None, study.n_top, seed
+            )
+            full |= names
+    return _clean(full | derived_metrics(full)), halves
+
+
+def step3(
+    run_dir: Path, study: StudyConfig, device: str, backbones: BackboneCache
+) -> dict[str, Any]:
+    """``eval.json`` (evaluate_run: the SAE's own metrics on the full held-out split) and
+    ``study_eval.json`` (+ interpretability per image half, control, names)."""
+    from hsae.evaluation import evaluate_run
+
+    path = run_dir / "study_eval.json"
+    settings = {
+        "control": study.control,
+        "names": study.names,
+        "n_top": study.n_top,
+        "n_image_halves": study.n_image_halves,
+        "boot_seed": study.boot_seed,
+    }
+    sha = _sha256(run_dir / "sae.safetensors")
+    if path.exists() and (run_dir / "eval.json").exists():
+        record = json.loads(path.read_text())
+        if record.get("settings") == settings and record.get("sae_sha256") == sha:
+            return record
+    kwargs: dict[str, Any] = dict(
+        split="val",
+        batch_size=study.eval_batch_size,
+        device=device,
+        interp=False,
+        control=False,
+        names=False,
+    )
+    if "browser" in inspect.signature(evaluate_run).parameters:
+        kwargs["browser"] = False  # one page per SAE would cost more than the study's budget
+    own = evaluate_run(run_dir, **kwargs)
+    rest, halves = _step3_metrics(run_dir, study, device, backbones)
+    record = {
+        "settings": settings,
+        "sae_sha256": sha,
+        "metrics": _clean(own) | rest,
+        "halves": halves,
+    }
+    _write_json(path, record)
+    return record
+
+
+# ---- stage 4: comparison -------------------------------------------------------------
+
+
+def _networks(units: list[plan_mod.Unit], role: str) -> list[str]:
+    seen: list[str] = []
+    for u in units:
+        if u.role == role and u.network not in seen:
+            seen.append(u.network)
+    return seen
+
+
+def _is_paired(study: StudyConfig, units: list[plan_mod.Unit]) -> bool:
+    """Paired when both kinds have one backbone config each and the same backbone seeds:
+    unit i of one kind shares its seed (initialisation, batch order) with unit i of the other."""
+    base, treat = study.baseline, study.treatment
+    return (
+        base.seeds is not None
+        and list(base.seeds) == list(treat.seeds or [])
+        and len(base.backbones) == len(treat.backbones) == 1
+    )
+
+
+def _step1_array(
+    records: dict[str, dict],
+    networks: list[str],
+    pos: int,
+    metric: str,
+    units: list[plan_mod.Unit],
+    where: str = "metrics",
+) -> np.ndarray:
+    """``[units, 1, 1 + image draws, 1]`` for step-1 metrics (no SAE seeds, one cell)."""
+    rows = []
+    for network in networks:
+        unit = next(u for u in units if u.network == network and u.layer_pos == pos)
+        rec = records[unit.name]
+        if where == "joint":
+            joint = rec.get("joint") or {}
+            rows.append(np.array([metric_value(joint.get("metrics", {}), metric)]))
+        else:
+            rows.append(
+                image_draws(
+                    metric_value(rec["metrics"], metric),
+                    [metric_value(h, metric) for h in rec["halves"]],
+                )
+            )
+    n = min(len(r) for r in rows)
+    return np.array([r[:n] for r in rows])[:, None, :, None]
+
+
+def _effect_or_none(
+    metric: str, base: np.ndarray, treat: np.ndarray, paired: bool, study: StudyConfig
+) -> dict[str, Any] | None:
+    if (
+        base.size == 0
+        or treat.size == 0
+        or not (np.isfinite(base).all() and np.isfinite(treat).all())
+    ):
+        return None
+    if base.shape[2] != treat.shape[2]:
+        n = min(base.shape[2], treat.shape[2])
+        base, treat = base[:, :, :n], treat[:, :, :n]
+    return compare_kinds(
+        metric, base, treat, paired, study.n_boot, study.ci, study.boot_seed
+    ).to_dict()
+
+
+def identical_towers(step1_records: dict[str, dict], units: list[plan_mod.Unit]) -> list[str]:
+    """Pairs (baseline network, treatment network) whose image towers share weights."""
+    from hsae.backbones.base import same_image_tower_warning
+
+    prints = {}
+    for u in units:
+        fp = step1_records[u.name].get("fingerprint")
+        if fp:
+            prints[f"{u.kind}:{u.network}"] = fp
+    by_fp: dict[str, set[str]] = {}
+    for name, fp in prints.items():
+        by_fp.setdefault(fp, set()).add(name.split(":", 1)[0])
+    shared = {fp for fp, kinds in by_fp.items() if len(kinds) > 1}
+    warning = same_image_tower_warning({n: fp for n, fp in prints.items() if fp in shared})
+    return [warning] if warning else []
+
+
+def compare_study(
+    study: StudyConfig,
+    units: list[plan_mod.Unit],
+    step1_records: dict[str, dict],
+    sae_records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    paired = _is_paired(study, units)
+    base_nets, treat_nets = _networks(units, "baseline"), _networks(units, "treatment")
+    towers = identical_towers(step1_records, units)
+    targets = plan_mod.l0_targets(study)
+    positions = sorted({u.layer_pos for u in units})
+    layers_out = []
+    for pos in positions:
+        layer_of = {u.kind: u.backbone["layer"] for u in units if u.layer_pos == pos}
+        entry: dict[str, Any] = {
+            "layer_pos": pos,
+            "layers": layer_of,
+            "step1": {},
+            "joint": {},
+            "families": {},
+            "per_l0": {},
+        }
+        for metric in (Metric(study.step1_metric, +1), *STEP1_SECONDARY):
+            base = _step1_array(step1_records, base_nets, pos, metric.key, units)
+            treat = _step1_array(step1_records, treat_nets, pos, metric.key, units)
+            effect = _effect_or_none(metric.key, base, treat, paired, study)
+            entry["step1"][metric.key] = {
+                "better": metric.better,
+                "effect": effect,
+                "call": call(_as_effect(effect), metric.better),
+            }
+        if study.joint_dataset is not None:
+            for metric in JOINT_METRICS:
+                base = _step1_array(step1_records, base_nets, pos, metric.key, units, "joint")
+                treat = _step1_array(step1_records, treat_nets, pos, metric.key, units, "joint")
+                effect = _effect_or_none(metric.key, base, treat, paired, study)
+                entry["joint"][metric.key] = {
+                    "better": metric.better,
+                    "effect": effect,
+                    "call": call(_as_effect(effect), metric.better),
+                }
+        for family in FAMILIES:
+            fam: dict[str, Any] = {"title": family.title, "metrics": {}}
+            for metric in (family.primary, *family.secondary):
+                curves = sae_curves(sae_records, metric.key, pos, list(study.expansions), targets)
+                if not curves:
+                    continue
+                base = stack_kind(curves, base_nets, list(study.sae_seeds))
+                treat = stack_kind(curves, treat_nets, list(study.sae_seeds))
+                n_draws = min(base.shape[2], treat.shape[2])
+                base, treat = base[:, :, :n_draws], treat[:, :, :n_draws]
+                keep = common_cells(base, treat)
+                cells = [(e, t) for e in study.expansions for t in targets]
+                effect = _effect_or_none(
+                    metric.key, base[..., keep], treat[..., keep], paired, study
+                )
+                fam["metrics"][metric.key] = {
+                    "better": metric.better,
+                    "effect": effect,
+                    "call": call(_as_effect(effect), metric.better),
+                    "cells": [
+                        {"expansion": e, "l0": t}
+                        for (e, t), k in zip(cells, keep, strict=True)
+                        if k
+                    ],
+                    "dropped_cells": [
+                        {"expansion": e, "l0": t}
+                        for (e, t), k in zip(cells, keep, strict=True)
+                        if not k
+                    ],
+                }
+                if metric == family.primary:
+                    per_l0 = []
+                    for t_i, target in enumerate(targets):
+                        cols = np.array(
+                            [c == t_i for _ in study.expansions for c in range(len(targets))]
+                        )
+                        cols &= keep
+                        eff = _effect_or_none(
+                            metric.key, base[..., cols], treat[..., cols], paired, study
+                        )
+                        if eff is not None:
+                            per_l0.append({"l0": target, **eff})
+                    entry["per_l0"][metric.key] = per_l0
+            entry["families"][family.key] = fam
+        layers_out.append(entry)
+    return {
+        "paired": paired,
+        "identical_towers": towers,
+        "l0_targets": targets,
+        "layers": layers_out,
+    }
+
+
+def _as_effect(effect: dict[str, Any] | None):
+    from hsae.study.compare import Effect
+
+    if effect is None:
+        return None
+    return Effect(**{**effect, "n_units": tuple(effect["n_units"])})
+
+
+def make_verdict(study: StudyConfig, comparison: dict[str, Any]) -> dict[str, Any]:
+    """Per layer position: the precondition, then one plain-language line per family."""
+    base, treat = study.baseline.label, study.treatment.label
+    towers = comparison["identical_towers"]
+    out = []
+    for entry in comparison["layers"]:
+        pre = entry["step1"][study.step1_metric]
+        holds = pre["call"] == "supported"
+        families = []
+        for family in FAMILIES:
+            metric = family.primary
+            info = entry["families"][family.key]["metrics"].get(metric.key)
+            status = info["call"] if info else NOT_APPLICABLE
+            reason = ""
+            if towers and family.vision:
+                status, reason = (
+                    NOT_APPLICABLE,
+                    (
+                        "identical image towers: the vision SAEs see the same activations, so any "
+                        "difference is SAE-seed noise"
+                    ),
+                )
+            elif info is None or info["effect"] is None:
+                status = NOT_APPLICABLE
+                reason = "not computed for these backbones (see step 3's skipped metrics)"
+            families.append(
+                {
+                    "family": family.key,
+                    "title": family.title,
+                    "metric": metric.key,
+                    "better": "higher" if metric.better > 0 else "lower",
+                    "status": status,
+                    "reason": reason,
+                    "effect": None if info is None else info["effect"],
+                    "falsified_by": falsifier(status, treat, base, metric.key, metric.better),
+                }
+            )
+        out.append(
+            {
+                "layer_pos": entry["layer_pos"],
+                "layers": entry["layers"],
+                "precondition": {
+                    "metric": study.step1_metric,
+                    "holds": holds,
+                    "status": pre["call"],
+                    "effect": pre["effect"],
+                },
+                "families": families,
+            }
+        )
+    return {"treatment": treat, "baseline": base, "hypothesis": study.hypothesis, "layers": out}
+
+
+# ---- the study ------------------------------------------------------------------------
+
+
+def _sae_record(
+    unit: plan_mod.Unit,
+    job: plan_mod.Job,
+    member_dir: Path,
+    entry: dict,
+    evaluated: dict[str, Any],
+    trained: dict[str, Any],
+) -> dict[str, Any]:
+    metrics = dict(evaluated["metrics"])
+    return {
+        "unit": unit.name,
+        "network": unit.network,
+        "kind": unit.kind,
+        "role": unit.role,
+        "layer_pos": unit.layer_pos,
+        "layer": unit.backbone["layer"],
+        "sae_seed": job.sae_seed,
+        "expansion": int(entry["expansion"]),
+        "k": int(entry["k"]),
+        "run_dir": str(member_dir),
+        "train_metrics": _clean(trained),
+        "metrics": metrics,
+        "halves": evaluated["halves"],
+    }
+
+
+def run_study(cfg_dict: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run (or finish) the study configured in ``cfg_dict.study``; returns ``results.json``."""
+    from hsae.training.run import train
+
+    out_dir = Path(out_dir).resolve()
+    cfg: RunConfig = to_objects(cfg_dict, RunConfig)
+    study = cfg.study
+    if study is None:
+        raise HsaeError("run_study needs a study config: python train.py study=default")
+    timer = Timer()
+    units = plan_mod.make_units(study)
+    jobs = plan_mod.make_jobs(cfg_dict, study, units, out_dir)
+    dataset = plan_mod.dataset_node(cfg_dict, study)
+    n_saes = len(jobs) * len(study.expansions) * len(study.ks)
+    log.info(
+        "study %s: %d backbone units (%s), %d SAE bank jobs, %d SAEs -> %s",
+        study.name,
+        len(units),
+        ", ".join(u.name for u in units),
+        len(jobs),
+        n_saes,
+        out_dir,
+    )
+    _write_json(
+        out_dir / "plan.json",
+        {
+            "study": asdict(study),
+            "units": [asdict(u) for u in units],
+            "jobs": [
+                {"unit": j.unit.name, "sae_seed": j.sae_seed, "run_dir": str(j.run_dir)}
+                for j in jobs
+            ],
+        },
+    )
+
+    stand_ins = ensure_stand_ins(units)
+    timer.lap("stand_ins")
+
+    device = cfg.cache.device
+    step1_records = {}
+    for i, unit in enumerate(units, 1):
+        start = time.perf_counter()
+        step1_records[unit.name] = step1(unit, dataset, cfg.cache, study, out_dir, device)
+        log.info(
+            "study [step 1 %d/%d] %s: %s = %.4g (%.1f s)",
+            i,
+            len(units),
+            unit.name,
+            study.step1_metric,
+            metric_value(step1_records[unit.name]["metrics"], study.step1_metric),
+            time.perf_counter() - start,
+        )
+    timer.lap("step1")
+
+    trained: dict[str, list[dict[str, Any]]] = {}
+    n_trained = 0
+    for i, job in enumerate(jobs, 1):
+        start = time.perf_counter()
+        done_before = (job.run_dir / "bank.json").exists() and all(
+            (d / "metrics.json").exists() for d in (job.run_dir / "bank").glob("*")
+        )
+        result = train(
+            job.cfg,
+            job.run_dir,
+            name=f"{study.name}/{job.unit.name}/seed{job.sae_seed}",
+            group=study.name,
+        )
+        trained[str(job.run_dir)] = result if isinstance(result, list) else [result]
+        n_trained += 0 if done_before else 1
+        log.info(
+            "study [SAEs %d/%d] %s seed %d: %d SAEs %s (%.1f s)",
+            i,
+            len(jobs),
+            job.unit.name,
+            job.sae_seed,
+            len(trained[str(job.run_dir)]),
+            "reused" if done_before else "trained",
+            time.perf_counter() - start,
+        )
+    timer.lap("train")
+
+    sae_records = []
+    entries = plan_mod.grid(study)
+    backbones = BackboneCache()
+    n_eval = 0
+    for i, job in enumerate(jobs, 1):
+        from hsae.training.bank import entry_dir_name
+
+        start = time.perf_counter()
+        for index, entry in enumerate(entries):
+            member_dir = job.run_dir / "bank" / entry_dir_name(index, entry)
+            before = (
+                (member_dir / "study_eval.json").stat().st_mtime
+                if (member_dir / "study_eval.json").exists()
+                else None
+            )
+            evaluated = step3(member_dir, study, device, backbones)
+            after = (member_dir / "study_eval.json").stat().st_mtime
+            n_eval += before != after
+            sae_records.append(
+                _sae_record(
+                    job.unit, job, member_dir, entry, evaluated, trained[str(job.run_dir)][index]
+                )
+            )
+        log.info(
+            "study [step 3 %d/%d] %s seed %d: %d SAEs evaluated (%.1f s)",
+            i,
+            len(jobs),
+            job.unit.name,
+            job.sae_seed,
+            len(entries),
+            time.perf_counter() - start,
+        )
+    timer.lap("step3")
+
+    comparison = compare_study(study, units, step1_records, sae_records)
+    verdict = make_verdict(study, comparison)
+    timer.lap("compare")
+    results = {
+        "study": asdict(study),
+        "out_dir": str(out_dir),
+        "units": [
+            {
+                "name": u.name,
+                "network": u.network,
+                "kind": u.kind,
+                "role": u.role,
+                "config": u.config,
+                "seed": u.seed,
+                "layer_pos": u.layer_pos,
+                "layer": u.backbone["layer"],
+            }
+            for u in units
+        ],
+        "stand_ins": stand_ins,
+        "step1": {
+            name: {k: rec[k] for k in ("metrics", "halves", "fingerprint", "joint")}
+            for name, rec in step1_records.items()
+        },
+        "saes": sae_records,
+        "comparison": comparison,
+        "verdict": verdict,
+        "work": {
+            "saes_total": n_saes,
+            "bank_jobs_trained": n_trained,
+            "bank_jobs": len(jobs),
+            "saes_evaluated": n_eval,
+        },
+        "timing_s": dict(timer.seconds),
+    }
+    _write_json(out_dir / RESULTS, results)
+    from hsae.study.report import write_report
+
+    report_path = write_report(results, out_dir, cfg.logger)
+    timer.lap("report")
+    results["timing_s"] = dict(timer.seconds)
+    _write_json(out_dir / RESULTS, results)
+    log.info(
+        "study %s: report %s (%s)",
+        study.name,
+        report_path,
+        ", ".join(f"{k} {v:.0f} s" for k, v in timer.seconds.items()),
+    )
+    return results

@@ -1,0 +1,168 @@
+"""Metric families and the plain-language verdict.
+
+Each family has one primary metric, fixed here before any study runs (never chosen after
+seeing results), and secondary metrics reported beside it. The verdict on a family reads
+only the primary metric's interval for treatment minus baseline, turned to the metric's
+better direction: above 0 -> supported, below 0 -> contradicted, covering 0 ->
+inconclusive at this size. The step-1 precondition is the same rule on the step-1 metric.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hsae.study.compare import Effect
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    better: int  # +1: higher is better; -1: lower is better; 0: not a direction (descriptive)
+
+
+@dataclass(frozen=True)
+class Family:
+    key: str
+    title: str
+    primary: Metric
+    secondary: tuple[Metric, ...] = field(default_factory=tuple)
+    vision: bool = True  # computed from image activations: identical towers cannot differ
+
+
+# Level-averaged keys (``@mean``) are derived by ``derived_metrics`` from the per-level ones,
+# so a family reads the same key on every dataset, whatever its level names.
+FAMILIES = (
+    Family(
+        "quality",
+        "SAE quality (reconstruction at matched L0)",
+        Metric("fvu", -1),
+        (Metric("dead_fraction", -1),),
+    ),
+    Family(
+        "hierarchy",
+        "hierarchy alignment of latents",
+        Metric("interp/purity@mean", +1),
+        (Metric("interp/entropy@mean", -1), Metric("interp/taxonomy_depth", 0)),
+    ),
+    Family(
+        "monosemanticity",
+        "monosemanticity",
+        Metric("interp/ms", +1),
+        (Metric("interp/uniqueness", +1),),
+    ),
+    Family(
+        "absorption",
+        "feature absorption",
+        Metric("interp/absorption_rate", -1),
+        (Metric("interp/absorption_fraction", -1),),
+    ),
+    Family(
+        "probing",
+        "sparse probing",
+        Metric("interp/sparse_probe@k1/mean", +1),
+        (Metric("interp/sparse_probe@k5/mean", +1), Metric("fidelity/recovered@mean", +1)),
+    ),
+    Family(
+        "control",
+        "control (steering with latents)",
+        Metric("control/hit_gain", +1),
+        (Metric("control/delta_p", +1),),
+    ),
+    # What differs for backbones with the same image tower: names through the text tower.
+    Family(
+        "naming",
+        "automatic names through the text tower",
+        Metric("interp/name_agreement@mean", +1),
+        (Metric("interp/name_score", +1),),
+        vision=False,
+    ),
+)
+STEP1_SECONDARY = (
+    Metric("hier/consistency", +1),
+    Metric("hier/full_path_acc", +1),
+    Metric("hier/mistake_severity", -1),
+    Metric("hier/ami@mean", +1),
+)
+JOINT_METRICS = (Metric("hier/kendall_tau", +1), Metric("hier/retrieval_precision", +1))
+SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive at this size"
+NOT_APPLICABLE = "not applicable"
+DESCRIPTIVE = "descriptive (no better direction)"
+
+
+def _mean_of(metrics: dict[str, Any], prefix: str, suffix: str = "") -> float | None:
+    values = [
+        float(v)
+        for k, v in metrics.items()
+        if k.startswith(prefix)
+        and k.endswith(suffix)
+        and "@mean" not in k
+        and v is not None
+        and "/" not in k[len(prefix) :].removesuffix(suffix)
+    ]
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def derived_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Level-averaged keys the families read (``interp/purity@mean`` = mean over levels of
+    ``interp/purity@<level>``, ...) and ``control/hit_gain`` = hit rate minus its baseline."""
+    out: dict[str, float] = {}
+    for prefix, suffix, key in (
+        ("interp/purity@", "", "interp/purity@mean"),
+        ("interp/entropy@", "", "interp/entropy@mean"),
+        ("interp/sparse_probe@k1/", "", "interp/sparse_probe@k1/mean"),
+        ("interp/sparse_probe@k5/", "", "interp/sparse_probe@k5/mean"),
+        ("fidelity/recovered@", "", "fidelity/recovered@mean"),
+        ("interp/name_agreement@", "", "interp/name_agreement@mean"),
+        ("hier/ami@", "", "hier/ami@mean"),
+        ("control/delta_p@", "", "control/delta_p"),
+    ):
+        value = _mean_of(metrics, prefix, suffix)
+        if value is not None:
+            out[key] = value
+    gains = [
+        float(v) - float(metrics[k.replace("hit_rate@", "hit_rate_baseline@")])
+        for k, v in metrics.items()
+        if k.startswith("control/hit_rate@")
+        and k.replace("hit_rate@", "hit_rate_baseline@") in metrics
+    ]
+    if gains:
+        out["control/hit_gain"] = sum(gains) / len(gains)
+    return out
+
+
+def call(effect: Effect | None, better: int) -> str:
+    """supported / contradicted / inconclusive from the interval in the better direction."""
+    if better == 0:
+        return DESCRIPTIVE
+    if effect is None or not (math.isfinite(effect.ci_low) and math.isfinite(effect.ci_high)):
+        return NOT_APPLICABLE
+    low, high = sorted((better * effect.ci_low, better * effect.ci_high))
+    if low > 0:
+        return SUPPORTED
+    if high < 0:
+        return CONTRADICTED
+    return INCONCLUSIVE
+
+
+def falsifier(status: str, treatment: str, baseline: str, metric: str, better: int) -> str:
+    side = "above" if better > 0 else "below"
+    other = "below" if better > 0 else "above"
+    if status == SUPPORTED:
+        return (
+            f"a replication with more backbone seeds per kind whose interval for {treatment} - "
+            f"{baseline} on {metric} covers 0 or lies {other} it"
+        )
+    if status == CONTRADICTED:
+        return (
+            f"a replication with more backbone seeds per kind whose interval for {treatment} - "
+            f"{baseline} on {metric} covers 0 or lies {side} it"
+        )
+    if status == INCONCLUSIVE:
+        return (
+            f"more backbone seeds per kind: an interval {side} 0 would support it, one {other} "
+            "0 would contradict it"
+        )
+    return ""
