@@ -557,7 +557,10 @@ def hierarchy_of_backbone(
         metrics = hierarcaps_of_backbone(
             backbone, backbone_cfg.layer, dataset_cfg, resolve_device(device)
         )
-        return metrics, _write_step1(out_dir, backbone_cfg, dataset_cfg, split, None, metrics)
+        skipped = skipped_of(metrics)
+        metrics = account_for(metrics, skipped, list(HIERARCAPS_METRICS))
+        path = _write_step1(out_dir, backbone_cfg, dataset_cfg, split, None, metrics, skipped)
+        return metrics, path
     request = CacheRequest.from_config(backbone_cfg, cache_cfg)
     cache = get_or_build(
         cache_cfg.dir, backbone, asdict(backbone_cfg), make_dataset(dataset_cfg, split), request
@@ -567,12 +570,27 @@ def hierarchy_of_backbone(
     image_ids = cache.row_image(np.arange(0, cache.n_rows, tokens_per_image))
     feats = feats.to(resolve_device(device))
     metrics = hierarchy_metrics(feats, cache.labels_nl[image_ids], cache.hierarchy)
-    return metrics, _write_step1(out_dir, backbone_cfg, dataset_cfg, split, cache.path, metrics)
+    skipped = skipped_of(metrics)
+    metrics = account_for(metrics, skipped, expected_step1(list(cache.hierarchy.level_names)))
+    path = _write_step1(out_dir, backbone_cfg, dataset_cfg, split, cache.path, metrics, skipped)
+    return metrics, path
+
+
+HIERARCAPS_METRICS = ("hier/kendall_tau", "hier/retrieval_precision", "hier/retrieval_recall")
+
+
+def expected_step1(level_names: list[str], hdist_ks: tuple[int, ...] = (1, 5)) -> list[str]:
+    """Step 1's metric names (``hierarchy_metrics``) for a hierarchy with these levels."""
+    return [
+        "hier/cpcc", *(f"hier/probe_acc@{lv}" for lv in level_names), "hier/full_path_acc",
+        "hier/consistency", "hier/mistake_severity", *(f"hier/hdist@{k}" for k in hdist_ks),
+        *(f"hier/ami@{lv}" for lv in level_names),
+    ]  # fmt: skip
 
 
 def _write_step1(
     out_dir: str | Path, backbone_cfg: Any, dataset_cfg: Any, split: str,
-    cache_path: Path | None, metrics: dict[str, float],
+    cache_path: Path | None, metrics: dict[str, float], skipped: dict[str, str],
 ) -> Path:  # fmt: skip
     from dataclasses import asdict
 
@@ -583,7 +601,7 @@ def _write_step1(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     record = {"backbone": asdict(backbone_cfg), "dataset": asdict(dataset_cfg), "split": split,
               "cache": str(cache_path) if cache_path else None, "metrics": metrics,
-              "skipped": skipped_of(metrics)}  # fmt: skip
+              "skipped": skipped}  # fmt: skip
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(out_path)

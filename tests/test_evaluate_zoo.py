@@ -109,3 +109,32 @@ def test_a_degenerate_sae_gets_nan_and_a_reason_not_a_missing_key(zoo, tmp_path)
     assert "2 latents" in record["skipped"]["interp/top_overlap"]
     assert record["metrics"]["interp/scored_latents"] == 1
     assert_accounted(record)
+
+
+def test_step1_record_lists_every_metric_nan_ones_with_a_reason(monkeypatch, tmp_path):
+    """Step 1's JSON: a metric the function leaves out (hdist@5 with fewer than 5 leaves)
+    or returns as NaN (CPCC of collapsed class means) is there as NaN, with its reason."""
+    import hsae.metrics.hierarchy
+    from hsae.config import BackboneConfig, CacheConfig, DatasetConfig
+    from hsae.evaluation import hierarchy_of_backbone
+
+    real = hsae.metrics.hierarchy.hierarchy_metrics
+
+    def degenerate(*args, **kwargs):
+        out = dict(real(*args, **kwargs))  # a plain dict: no reasons of its own
+        del out["hier/hdist@5"]
+        out["hier/cpcc"] = math.nan
+        return out
+
+    monkeypatch.setattr(hsae.metrics.hierarchy, "hierarchy_metrics", degenerate)
+    backbone = BackboneConfig(name="tiny_vit", model_name="hsae-tiny-vit", d_model=128, layer=1)
+    metrics, path = hierarchy_of_backbone(
+        backbone, DatasetConfig(name="synthetic", n_val=200),
+        CacheConfig(dir=str(tmp_path / "cache"), device="cpu"), "val", tmp_path / "out", "cpu",
+    )  # fmt: skip
+    record = json.loads(path.read_text())
+    assert record["metrics"] == pytest.approx(metrics, nan_ok=True)
+    for name in ("hier/hdist@5", "hier/cpcc"):
+        assert math.isnan(record["metrics"][name]) and record["skipped"][name], name
+    assert "collapsed" in record["skipped"]["hier/cpcc"]
+    assert math.isfinite(record["metrics"]["hier/hdist@1"])
