@@ -59,7 +59,7 @@ class BackboneConfig:
     tokens: str = "cls"  # cls | patch | mean | all | segments (CAST)
     # stand_in: overrides of the training recipe (hsae.backbones.stand_in.train.Recipe),
     # e.g. {steps: 50}; part of the stand-in's store hash.
-    recipe: Optional[dict[str, Any]] = None  # noqa: UP045
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_choice("backbone.tokens", self.tokens, TOKENS)

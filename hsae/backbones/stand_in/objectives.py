@@ -49,7 +49,7 @@ def batch_cpcc(
 
 
 def make_objective(
-    name: str, hierarchy: Hierarchy, cpcc_weight: float
+    name: str, hierarchy: Hierarchy, cpcc_weight: float, coarse_ce_weight: float = 1.0
 ) -> Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict]]:
     """``loss(embedding [B, e], logits per level, labels [B, levels]) -> (loss, terms)``."""
     if name not in OBJECTIVES:
@@ -66,7 +66,8 @@ def make_objective(
 
     def hier(emb, logits, labels_bl):
         ces = [F.cross_entropy(lg, labels_bl[:, lv]) for lv, lg in enumerate(logits)]
-        ce = torch.stack(ces).mean()
+        # The leaf term has the flat objective's weight; coarse levels come on top.
+        ce = ces[-1] + coarse_ce_weight * sum(ces[:-1])
         cpcc = batch_cpcc(emb, labels_bl[:, -1], tree_cc.to(emb.device), n_leaves)
         return ce - cpcc_weight * cpcc, {
             "ce_leaf": float(ces[-1].detach()),

@@ -100,7 +100,8 @@ def ensure_stand_in(
         check_entry(path, key)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    # The lock file stays (filelock's convention); hidden so listings show only stand-ins.
+    with FileLock(str(path.parent / f".{path.name}.lock")):
         if path.exists():  # another process built it while this one waited
             check_entry(path, key)
             return path
