@@ -47,10 +47,13 @@ def farthest_point_sampling(
     if exclude_bn is not None:
         nearest_bn[exclude_bn] = -1.0  # below every distance, so never the maximum
     rows = torch.arange(b, device=points_bnd.device)
+    # All pairwise distances once (exact differences, not the Gram-matrix shortcut, whose
+    # rounding could reorder near-ties); the loop then only gathers rows. Euclidean rather
+    # than squared distances: the same order, so the same choices.
+    gaps_bnn = torch.cdist(points_bnd, points_bnd, compute_mode="donot_use_mm_for_euclid_dist")
     last = chosen[:, 0]
     for i in range(1, n_samples):
-        gap_bn = (points_bnd - points_bnd[rows, last][:, None]).square().sum(-1)
-        nearest_bn = torch.minimum(nearest_bn, gap_bn)
+        nearest_bn = torch.minimum(nearest_bn, gaps_bnn[rows, last])
         last = nearest_bn.argmax(dim=1)
         chosen[:, i] = last
     return chosen
