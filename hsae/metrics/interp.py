@@ -999,7 +999,7 @@ def interp_metrics(
         out["interp/top_overlap"] = overlap
         out["interp/uniqueness"] = 1.0 - overlap
     else:
-        why = f"needs 2 scored latents (firing on >= {min_fired} images) to compare; 1 fires"
+        why = f"needs 2 latents firing on >= {min_fired} images (pairs of top-image sets); 1 does"
         out.undefined("interp/top_overlap", why)
         out.undefined("interp/uniqueness", why)
     if moran_i_k is not None:
