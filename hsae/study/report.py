@@ -57,6 +57,16 @@ def _plt():
     return plt
 
 
+def _l0_axis(ax, ticks: list[float]) -> None:
+    """Log L0 axis labelled at the grid's values (plain numbers, not powers of ten)."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(set(ticks)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _kind_colours(results: dict[str, Any]) -> dict[str, str]:
     kinds = [k["label"] for k in results["study"]["kinds"]]
     return {k: KIND_COLOURS[i % len(KIND_COLOURS)] for i, k in enumerate(kinds)}
@@ -115,7 +125,7 @@ def plot_vs_l0(
                         lw=2,
                         label=f"{kind}, expansion {expansion}",
                     )
-        ax.set_xscale("log")
+        _l0_axis(ax, [float(s["k"]) for s in saes])
         ax.set_xlabel("L0 (active latents per image)")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
@@ -201,7 +211,7 @@ def plot_effects_vs_l0(results: dict[str, Any], pos: int, out_path: Path) -> Pat
         ]
         ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, color="tab:purple")
         ax.axhline(0, color="grey", lw=1)
-        ax.set_xscale("log")
+        _l0_axis(ax, xs)
         ax.set_xlabel("matched L0")
         ax.set_ylabel(f"{verdict['treatment']} - {verdict['baseline']}")
         ax.set_title(metric, fontsize=9)

@@ -549,7 +549,7 @@ def make_verdict(study: StudyConfig, comparison: dict[str, Any]) -> dict[str, An
                 )
             elif info is None or info["effect"] is None:
                 status = NOT_APPLICABLE
-                reason = "not computed for these backbones (see step 3's skipped metrics)"
+                reason = "not computed for these backbones; step 3 logs why"
             families.append(
                 {
                     "family": family.key,
@@ -582,6 +582,7 @@ def make_verdict(study: StudyConfig, comparison: dict[str, Any]) -> dict[str, An
 
 
 def _sae_record(
+    out_dir: Path,
     unit: plan_mod.Unit,
     job: plan_mod.Job,
     member_dir: Path,
@@ -600,7 +601,7 @@ def _sae_record(
         "sae_seed": job.sae_seed,
         "expansion": int(entry["expansion"]),
         "k": int(entry["k"]),
-        "run_dir": str(member_dir),
+        "run_dir": str(member_dir.relative_to(out_dir)),
         "train_metrics": _clean(trained),
         "metrics": metrics,
         "halves": evaluated["halves"],
@@ -708,7 +709,13 @@ def run_study(cfg_dict: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             n_eval += before != after
             sae_records.append(
                 _sae_record(
-                    job.unit, job, member_dir, entry, evaluated, trained[str(job.run_dir)][index]
+                    out_dir,
+                    job.unit,
+                    job,
+                    member_dir,
+                    entry,
+                    evaluated,
+                    trained[str(job.run_dir)][index],
                 )
             )
         log.info(
