@@ -173,3 +173,12 @@ def test_site_files(tmp_path):
     make_site(tmp_path / "browser", None, heat=False)
     assert json.loads((out / "manifest.json").read_text())["heatmaps"] is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["browser"]
+
+
+def test_names_come_from_the_eval_json_table():
+    from hsae.browser.run import names_from_record
+
+    record = {"latents": {"columns": ["latent", "n_images", "name", "name_score", "name@family"],
+                          "rows": [[3, 10, "circle", 0.41, "round"], [7, 2, "star", -0.05, "symbol"]]}}  # fmt: skip
+    assert names_from_record(record) == {3: ("circle", 0.41), 7: ("star", -0.05)}
+    assert names_from_record({"metrics": {}}) == {}
