@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Callable
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -78,6 +79,15 @@ _PART_MASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "spike": lambda u, v: (u > -0.1) & (u < 0.95) & (np.abs(v) < 0.16 * (1.1 - u)),  # thin, long
     "fin": lambda u, v: (u > -0.1) & (u < 0.42) & (np.abs(v) < 0.5),  # short, wide plate
 }
+
+
+@lru_cache(maxsize=4)
+def _grid(size: int, centres: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(ys, xs)`` ``[S, S]`` in [0, 1]: pixel centres (the object's geometry) or corners
+    to corners (the background's gradient)."""
+    coords = (np.arange(size) + 0.5) / size if centres else np.linspace(0, 1, size)
+    ys, xs = np.meshgrid(coords, coords, indexing="ij")
+    return ys, xs
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -146,63 +156,78 @@ class SyntheticTree(Dataset):
 
     def masks(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """``(object_mask [S, S] bool, part_id [S, S] int)``: 0 background, 1 body, 2.. parts."""
-        part_id = self._part_ids(i)
+        part_id = self._part_ids(np.array([i]))[0]
         return part_id > 0, part_id
 
-    def _part_ids(self, i: int) -> np.ndarray:
-        s = self.image_size
-        coords = (np.arange(s) + 0.5) / s  # pixel centres
-        ys, xs = np.meshgrid(coords, coords, indexing="ij")
-        scale = self.scale_n[i]
-        dx = (xs - self.center_n2[i, 0]) / scale
-        dy = (ys - self.center_n2[i, 1]) / scale
-        body, part, count = self.traits(i)
-        angle = self.angle_n[i]
-        theta = np.mod(np.arctan2(dy, dx) - angle, 2 * np.pi)  # body frame
-        r = np.hypot(dx, dy)
-        part_id = np.where(r < _body_radius(body, theta), 1, 0)
-        # Parts evenly spaced around the body, starting at a polygon's vertex-to-edge midpoint
-        # (an edge's centre) so that they sit flat on the outline.
-        offset = np.pi / _N_SIDES[body] if _N_SIDES[body] else 0.0
-        for j in range(count):
-            phi = offset + 2 * np.pi * j / count
-            base = float(_body_radius(body, np.array([phi]))[0])
-            # Outward normal at the attachment point: radial for the disc and the polygons'
-            # edge centres alike.
-            nx, ny = np.cos(phi + angle), np.sin(phi + angle)
-            ax, ay = base * nx, base * ny
-            u = (dx - ax) * nx + (dy - ay) * ny
-            v = -(dx - ax) * ny + (dy - ay) * nx
-            part_id = np.where(_PART_MASKS[part](u, v) & (part_id == 0), 2 + j, part_id)
-        return part_id
-
     def render(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self._render(i, self._part_ids(i)))
+        rows = np.array([i])
+        return torch.from_numpy(self._render(rows, self._part_ids(rows))[0])
 
-    def _render(self, i: int, part_id: np.ndarray) -> np.ndarray:
-        s = self.image_size
-        coords = np.linspace(0, 1, s)
-        ys, xs = np.meshgrid(coords, coords, indexing="ij")
-        bg = self.background_n6[i]
-        direction = 2 * np.pi * bg[3]
-        ramp = (np.cos(direction) * (xs - 0.5) + np.sin(direction) * (ys - 0.5)) * 0.25 * bg[4]
-        level = 0.05 + 0.3 * bg[0] + ramp
-        tint = 1 + 0.3 * (np.array([bg[1], bg[2], bg[5]]) - 0.5)
-        image = level[None] * tint[:, None, None]
-        body_rgb = _hsv(*self.body_hsv_n3[i])
-        part_rgb = _hsv(*self.part_hsv_n3[i])
-        image = np.where((part_id == 1)[None], body_rgb[:, None, None], image)
-        image = np.where((part_id >= 2)[None], part_rgb[:, None, None], image)
-        noise = np.random.default_rng(self.noise_seed_n[i]).normal(0, 0.03, size=image.shape)
-        return np.clip(image + noise, 0, 1).astype(np.float32)
-
-    def render_all(self, indices: np.ndarray | None = None) -> torch.Tensor:
-        """``[n, 3, S, S]`` float images (no transform), e.g. to hold a training set in RAM."""
+    def render_all(self, indices: np.ndarray | None = None, chunk: int = 512) -> torch.Tensor:
+        """``[n, 3, S, S]`` float images (no transform), equal to ``render`` one by one but
+        about 10x faster: e.g. to hold a training set in memory."""
         rows = np.arange(self.n_images) if indices is None else np.asarray(indices)
         out = np.empty((len(rows), 3, self.image_size, self.image_size), dtype=np.float32)
-        for k, i in enumerate(rows):
-            out[k] = self._render(int(i), self._part_ids(int(i)))
+        for k in range(0, len(rows), chunk):
+            part = rows[k : k + chunk]
+            out[k : k + chunk] = self._render(part, self._part_ids(part))
         return torch.from_numpy(out)
+
+    # Both steps work on a batch of rows (a single image is a batch of one), by leaf class:
+    # every image of a class has the same body, part type and count.
+
+    def _part_ids(self, rows: np.ndarray) -> np.ndarray:
+        s = self.image_size
+        ys, xs = _grid(s, centres=True)
+        scale = self.scale_n[rows, None, None]
+        dx = (xs - self.center_n2[rows, 0, None, None]) / scale
+        dy = (ys - self.center_n2[rows, 1, None, None]) / scale
+        angle_n11 = self.angle_n[rows, None, None]
+        theta = np.mod(np.arctan2(dy, dx) - angle_n11, 2 * np.pi)  # body frame
+        r = np.hypot(dx, dy)
+        part_id = np.zeros((len(rows), s, s), dtype=np.int64)
+        leaves = self.leaves_n[rows]
+        for leaf in np.unique(leaves):
+            sel = leaves == leaf
+            b, p, c = _LEAF_TRAITS[leaf]
+            body, part, count = BODIES[b], PARTS[p], COUNTS[c]
+            pid = np.where(r[sel] < _body_radius(body, theta[sel]), 1, 0)
+            # Parts evenly spaced around the body, starting at a polygon's edge centre so
+            # that they sit flat on the outline.
+            offset = np.pi / _N_SIDES[body] if _N_SIDES[body] else 0.0
+            for j in range(count):
+                phi = offset + 2 * np.pi * j / count
+                base = float(_body_radius(body, np.array([phi]))[0])
+                # Outward normal at the attachment point: radial for the disc and the
+                # polygons' edge centres alike.
+                nx, ny = np.cos(phi + angle_n11[sel]), np.sin(phi + angle_n11[sel])
+                ax, ay = base * nx, base * ny
+                u = (dx[sel] - ax) * nx + (dy[sel] - ay) * ny
+                v = -(dx[sel] - ax) * ny + (dy[sel] - ay) * nx
+                pid = np.where(_PART_MASKS[part](u, v) & (pid == 0), 2 + j, pid)
+            part_id[sel] = pid
+        return part_id
+
+    def _render(self, rows: np.ndarray, part_id: np.ndarray) -> np.ndarray:
+        s = self.image_size
+        ys, xs = _grid(s, centres=False)
+        bg = self.background_n6[rows, :, None, None]
+        direction = 2 * np.pi * bg[:, 3]
+        ramp = (np.cos(direction) * (xs - 0.5) + np.sin(direction) * (ys - 0.5)) * 0.25 * bg[:, 4]
+        level = 0.05 + 0.3 * bg[:, 0] + ramp
+        tint = 1 + 0.3 * (bg[:, [1, 2, 5]] - 0.5)
+        image = level[:, None] * tint
+        body_rgb = np.array([_hsv(*hsv) for hsv in self.body_hsv_n3[rows]])[:, :, None, None]
+        part_rgb = np.array([_hsv(*hsv) for hsv in self.part_hsv_n3[rows]])[:, :, None, None]
+        image = np.where((part_id == 1)[:, None], body_rgb, image)
+        image = np.where((part_id >= 2)[:, None], part_rgb, image)
+        noise = np.stack(
+            [
+                np.random.default_rng(seed).normal(0, 0.03, size=(3, s, s))
+                for seed in self.noise_seed_n[rows]
+            ]
+        )
+        return np.clip(image + noise, 0, 1).astype(np.float32)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.render(i)
