@@ -32,9 +32,10 @@ class StandInBackbone(Backbone):
             recipe = Recipe.from_dict(recipe)
         # A None objective (a config that left `pretrained` unset) is caught by make_objective.
         self.store_path = ensure_stand_in(arch, str(objective), seed, recipe)
-        self.model, self.train_config, self.train_metrics = load_stand_in(self.store_path)
-        self.model.requires_grad_(False)
-        encoder = self.model.encoder
+        stand_in, self.train_config, self.train_metrics = load_stand_in(self.store_path)
+        stand_in.requires_grad_(False)
+        self.model = stand_in
+        self.encoder = encoder = stand_in.encoder  # typed: Backbone.model is any nn.Module
         self.has_cls = bool(encoder.has_cls)
         self.n_prefix_tokens = int(encoder.n_prefix_tokens)
         size = recipe.image_size
@@ -49,10 +50,10 @@ class StandInBackbone(Backbone):
         )
 
     def image_tower(self) -> nn.Module:
-        return self.model.encoder
+        return self.encoder
 
     def _named_layers(self) -> list[tuple[str, nn.Module]]:
-        return [(f"encoder.{path}", module) for path, module in self.model.encoder.hook_layers()]
+        return [(f"encoder.{path}", module) for path, module in self.encoder.hook_layers()]
 
     def _run(self, images: torch.Tensor) -> None:
-        self.model.encoder(images)
+        self.encoder(images)

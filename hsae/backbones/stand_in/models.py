@@ -16,6 +16,7 @@ Other architectures (e.g. CAST, issue #14) register themselves with
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -137,9 +138,11 @@ class StandIn(nn.Module):
     """An encoder plus one linear head per hierarchy level (coarse to fine). Both objectives
     build the same module; the flat one trains only the leaf head."""
 
-    def __init__(self, encoder: nn.Module, n_classes_per_level: list[int]):
+    # ``encoder``: an nn.Module with the encoder contract of this module's docstring (typed
+    # Any: the contract is attributes nn.Module does not declare).
+    def __init__(self, encoder: Any, n_classes_per_level: list[int]):
         super().__init__()
-        self.encoder = encoder
+        self.encoder: Any = encoder
         self.heads = nn.ModuleList(nn.Linear(encoder.embed_dim, n) for n in n_classes_per_level)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
