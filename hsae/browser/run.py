@@ -31,8 +31,8 @@ def latent_structure(sae: torch.nn.Module) -> dict[str, Any] | None:
             "groups": [list(g) for g in zip([0, *ends[:-1]], ends, strict=True)],
         }
     if getattr(sae, "arch", None) == "hierarchical":
-        return {"kind": "hierarchical", "n_parents": int(sae.n_parents),
-                "n_children": int(sae.n_children)}  # fmt: skip
+        n_parents, n_children = getattr(sae, "n_parents"), getattr(sae, "n_children")  # noqa: B009
+        return {"kind": "hierarchical", "n_parents": int(n_parents), "n_children": int(n_children)}
     return None
 
 
@@ -68,7 +68,10 @@ def _image_loader(cfg: dict, cache: ActivationCache, split: str, image_ids: np.n
     spec = cache.manifest["spec"].get("preprocess")
     if cfg["dataset"]["name"] == "activations" or spec is None:
         return None
-    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+    pre = Preprocess(
+        size=tuple(spec["size"]), resize=tuple(spec["resize"]), resize_mode=spec["resize_mode"],
+        interpolation=spec["interpolation"], mean=tuple(spec["mean"]), std=tuple(spec["std"]),
+    )  # fmt: skip
     geometry = SimpleNamespace(pre=pre)  # Backbone.resize_crop reads only .pre
     dataset = make_dataset(DatasetConfig(**cfg["dataset"]), split)
     dataset.transform = None

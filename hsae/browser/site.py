@@ -209,7 +209,10 @@ def wandb_media(inputs: SiteInputs, out_dir: Path, thumbs: str | None,
     order = scored[np.lexsort((-t.n_fired_k[scored], -purity))]
     columns = ["latent", "name", "name_score", "purest_level", "purity", "top_class", "density",
                "mean_act", "contained_in", "containment"]  # fmt: skip
-    rows, grid, captions, seen = [], [], [], set()
+    rows: list[list] = []
+    grid: list[int] = []
+    captions: list[str] = []
+    seen: set[tuple[int, str]] = set()
     for k in order.tolist():
         lv = int(t.level_k[k])
         cls = h.class_names[lv][int(t.top_class_kl[k, lv])]
