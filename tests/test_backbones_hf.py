@@ -235,7 +235,7 @@ def test_hierarcaps_joint_metrics_run_on_hf_clip(clip_dirs, tmp_path):
 
 
 def test_spliced_zero_shot_runs_on_hf_clip(clip_dirs):
-    from hsae.control import spliced_zero_shot
+    from hsae.evaluation.control import spliced_zero_shot
 
     backbone = make_backbone(hf_cfg(clip_dirs["joint"]))
     torch.manual_seed(0)

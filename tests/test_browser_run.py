@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def patch_run(tmp_path_factory, compose):
     """The run dir, and the media ``evaluate_run`` hands to the eval W&B run."""
-    from hsae import evaluation
+    from hsae.evaluation import step3 as evaluation
     from hsae.training.run import train
 
     tmp = tmp_path_factory.mktemp("browser-run")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hsae.config import DatasetConfig
-from hsae.control import clamp_edit, clamp_hit_rate, fit_readout, latent_direction
+from hsae.evaluation.control import clamp_edit, clamp_hit_rate, fit_readout, latent_direction
 from hsae.data.synthetic import SyntheticShapes
 from hsae.errors import HsaeError
 from hsae.sae import TopKSAE
@@ -76,7 +76,7 @@ def test_planted_latents_steer_and_random_ones_do_not(tiny_backbone, setup):
 def test_clamp_value_is_a_multiple_of_the_latents_max_on_images_of_its_class():
     """What the latent reaches when its concept is present: latent 0 (class 0) peaks at 5.0
     on an image of class 1, which says nothing about its concept; on class 0 it reaches 1."""
-    from hsae.control import clamp_values
+    from hsae.evaluation.control import clamp_values
 
     acts_nk = torch.tensor([[1.0, 0.0], [0.5, 3.0], [5.0, 0.2], [0.0, 2.0]])
     labels_n = torch.tensor([0, 1, 1, 1])
@@ -216,7 +216,7 @@ class KnownClassesText:
 def test_zero_shot_recovers_all_with_a_perfect_sae_and_nothing_with_a_null_one(
     tiny_backbone, setup
 ):
-    from hsae.control import spliced_zero_shot
+    from hsae.evaluation.control import spliced_zero_shot
     from hsae.data.synthetic import HIERARCHY
 
     images, labels, _ = setup

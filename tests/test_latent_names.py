@@ -186,6 +186,7 @@ def test_name_score_separates_planted_from_random_decoders(tiny_run, monkeypatch
     1 and are named by those entries; random rows (a null SAE) score far lower."""
     from hsae import evaluation
     from hsae.cache import ActivationCache
+    from hsae.evaluation import naming
     from hsae.metrics import interp
     from hsae.sae import load_sae
 
@@ -201,9 +202,7 @@ def test_name_score_separates_planted_from_random_decoders(tiny_run, monkeypatch
     )
     vocab = [name for names in HIERARCHY.class_names for name in dict.fromkeys(names)]
     vocab = list(dict.fromkeys(vocab))  # the default vocabulary: every class name once
-    text = interp.centred_text(
-        evaluation._encode_text(backbone, [f"a photo of a {v}." for v in vocab])
-    )
+    text = interp.centred_text(naming._encode_text(backbone, [f"a photo of a {v}." for v in vocab]))
     gen = torch.Generator().manual_seed(0)
     scores, named = {}, {}
     for kind in ("random", "planted"):
@@ -224,7 +223,7 @@ def test_name_score_separates_planted_from_random_decoders(tiny_run, monkeypatch
 
 def _quick(monkeypatch, media=None):
     """evaluate_run without the other step-3 metrics (their cost is theirs)."""
-    from hsae import evaluation
+    from hsae.evaluation import step3 as evaluation
 
     monkeypatch.setattr(evaluation, "interpretability", lambda *a, **k: ({}, {}))
     if media is not None:

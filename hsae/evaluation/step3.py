@@ -1,0 +1,175 @@
+"""Step 3 (``evaluate_run``): every metric that applies to a finished run, from its run dir.
+
+The SAE's own metrics on the held-out split (``fvu``, ``l0``, ...), then the
+interpretability metrics (``interp/...``: purity, entropy, taxonomy depth, MS, uniqueness,
+Moran's I for patch tokens, sparse probing, absorption), probe fidelity (``fidelity/...``),
+names and control. Names: docs/metrics.md. What cannot be computed is listed with the
+reason under ``skipped``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hsae.cache import ActivationCache, resolve_device
+from hsae.errors import HsaeError
+from hsae.evaluation.control import control_metrics
+from hsae.evaluation.inputs import (
+    ImagePass,
+    _on_gpu,
+    image_pass,
+    latent_groups,
+    make_run_backbone,
+    read_run_cfg,
+)
+from hsae.evaluation.naming import automatic_names, read_vocabulary
+from hsae.evaluation.report import _log_eval_to_wandb, account_for, expected_metrics
+from hsae.metrics.reference import reference_embedding
+from hsae.metrics.results import skipped_of
+from hsae.metrics.sae import max_decoder_cosine
+from hsae.sae import load_sae
+
+log = logging.getLogger(__name__)
+
+
+def interpretability(
+    sae: torch.nn.Module, cache: ActivationCache, images: ImagePass, cfg: dict, split: str,
+    reference: str, n_top: int, seed: int = 0,
+) -> tuple[dict[str, float], dict[str, str]]:  # fmt: skip
+    from hsae.metrics.interp import fidelity_metrics, interp_metrics
+
+    skipped = dict(images.notes)
+    labels = cache.labels_nl[images.image_ids]
+    # The MS reference (hsae.metrics.reference): the same for every backbone compared.
+    ref = reference_embedding(reference, cfg, split, images.image_ids, images.acts_ik.device)
+    if ref is None:
+        skipped["interp/ms"] = "reference=none"
+    # Every latent's own row (the hierarchical SAE's children too), not one weight matrix.
+    decoder = sae.decoder_rows().detach().float().cpu()
+    metrics = interp_metrics(
+        images.acts_ik, labels, cache.hierarchy,
+        decoder_kd=decoder, feats_nd=images.feats_id, ref_emb_ne=ref, moran_i_k=images.moran_k,
+        groups=latent_groups(sae), n_top=n_top, seed=seed,
+    )  # fmt: skip
+    metrics |= fidelity_metrics(
+        images.feats_id, images.recon_id, torch.zeros_like(images.feats_id), labels, cache.hierarchy
+    )
+    n_scored = int(metrics.get("interp/scored_latents", 0))
+    if n_scored < 2:
+        for name in ("interp/top_overlap", "interp/uniqueness"):
+            skipped[name] = (
+                f"needs 2 latents firing on >= 5 images (pairs of top-image sets); {n_scored} do"
+            )
+    skipped |= skipped_of(metrics)  # the metric functions' own reasons for their NaNs
+    return metrics, skipped
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "val",
+    batch_size: int = 4096,
+    device: str = "auto",
+    interp: bool = True,
+    reference: str = "edges",
+    n_top: int = 50,
+    control: bool = True,
+    names: bool = True,
+    names_vocab: str | Path | None = None,
+    browser: bool = False,
+) -> dict[str, Any]:
+    """Every metric that applies to the run, on a cached split; writes ``eval.json`` (with
+    the per-latent names under ``latents`` when the backbone has a text tower) and, with
+    ``browser`` (``evaluate.py``'s default), the feature browser ``<run dir>/browser/``."""
+    run_dir = Path(run_dir).resolve()
+    cfg = read_run_cfg(run_dir)
+    if split not in cfg["cache"]:
+        raise HsaeError(f"split={split!r} has no cache in this run; valid: {sorted(cfg['cache'])}")
+    vocabulary = read_vocabulary(names_vocab) if names_vocab is not None and names else None
+    dev = resolve_device(device)
+    sae = load_sae(run_dir).to(dev).eval()
+    cache = ActivationCache.open(cfg["cache"][split])
+    if cache.d_model != sae.d_model:
+        raise HsaeError(
+            f"cache {cache.path} has width {cache.d_model}, the SAE expects {sae.d_model}"
+        )
+    images = image_pass(sae, cache, batch_size, dev)
+    metrics: dict[str, float] = dict(images.sae_metrics)
+    metrics["max_decoder_cosine"] = float(max_decoder_cosine(sae))
+    metrics["n_rows"] = cache.n_rows
+    groups = latent_groups(sae)
+    families = expected_metrics(list(cache.hierarchy.level_names), len(groups or ()))
+    skipped: dict[str, str] = {}
+    if interp:
+        interp_values, skipped = interpretability(
+            sae, cache, _on_gpu(images, dev), cfg, split, reference, n_top, cfg.get("seed", 0)
+        )
+        metrics |= interp_values
+    else:
+        for pattern in ("interp/*", "fidelity/probe_acc@*", "fidelity/recovered@*"):
+            skipped[pattern] = "interp=false"
+    # One backbone for names and control (building it can cost as much as using it).
+    no_backbone = cfg["dataset"]["name"] == "activations"
+    backbone: Any = None
+    if not no_backbone and (control or (interp and names)):
+        backbone = make_run_backbone(cfg, dev)
+    text_tower = backbone is not None and hasattr(backbone, "encode_text")
+    latents_table = None
+    names_skip = None
+    if not interp:
+        names_skip = "interp=false"
+    elif not names:
+        names_skip = "names=false"
+    elif no_backbone:
+        names_skip = "no backbone: the run trained on an activations file"
+    elif not text_tower:
+        names_skip = (
+            f"{backbone.name} has no text tower (names need a CLIP-like backbone: open_clip)"
+        )
+    else:
+        names_values, latents_table = automatic_names(
+            sae, cache, images, cfg, split, backbone, vocabulary, n_top, cfg.get("seed", 0)
+        )
+        metrics |= names_values
+    if names_skip is not None:
+        skipped["interp/name*"] = skipped["interp/majority_latents@*"] = names_skip
+    control_skip = None
+    if not control:
+        control_skip = "control=false"
+    elif no_backbone:
+        control_skip = "no backbone: the run trained on an activations file"
+    else:
+        metrics |= control_metrics(
+            sae, cache, images, cfg, split, seed=cfg.get("seed", 0), device=dev,
+            backbone=backbone,
+        )  # fmt: skip
+        if not text_tower:
+            skipped["fidelity/zero_shot*"] = (
+                f"{backbone.name} has no text tower (zero-shot needs a CLIP-like backbone)"
+            )
+    if control_skip is not None:
+        skipped["control/*"] = skipped["fidelity/zero_shot*"] = control_skip
+    metrics = account_for(metrics, skipped, [name for v in families.values() for name in v])
+    for name, why in skipped.items():
+        log.info("skipped %s: %s", name, why)
+    record: dict[str, Any] = {"split": split, "metrics": metrics, "skipped": skipped}
+    if latents_table is not None:
+        record["latents"] = latents_table
+    tmp = run_dir / ".eval.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(run_dir / "eval.json")
+    media = {"latents/names": latents_table} if latents_table is not None else None
+    if browser:  # from this pass's activations: no second pass over the cache
+        from hsae.browser import write_run_browser
+
+        pages = write_run_browser(
+            run_dir, sae=sae, cache=cache, acts_ik=images.acts_ik, image_ids=images.image_ids,
+            split=split, device=dev, n_top=n_top,
+        )  # fmt: skip
+        media = (media or {}) | pages.wandb_media
+    _log_eval_to_wandb(run_dir, cfg, metrics, media)
+    return metrics
