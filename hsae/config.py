@@ -130,7 +130,7 @@ class SAEConfig:
     # an epoch's rows below, so the window scales with the run (a fixed 1,000,000 exceeded
     # the default run's 163,840 rows: AuxK never switched on and 75% of latents ended dead).
     dead_tokens_threshold: Optional[int] = None  # noqa: UP045
-    dead_epoch_fraction: float = 0.5
+    dead_epoch_fraction: float = 1.0  # one epoch: fired on no training row of the last pass
     # batchtopk, matryoshka: EMA weight of each batch's smallest kept activation in the
     # inference threshold.
     threshold_momentum: float = 0.01

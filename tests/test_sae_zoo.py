@@ -224,7 +224,7 @@ def test_without_a_window_no_latent_is_dead_and_the_config_resolves_one():
     # The run's window: a fraction of an epoch, or the absolute number when given.
     cfg = SAEConfig(n_latents=16)
     assert cfg.dead_tokens_threshold is None
-    assert cfg.dead_rows(16_384) == round(cfg.dead_epoch_fraction * 16_384) < 16_384
+    assert cfg.dead_rows(16_384) == round(cfg.dead_epoch_fraction * 16_384) <= 16_384
     assert SAEConfig(n_latents=16, dead_epoch_fraction=0.25).dead_rows(1000) == 250
     assert SAEConfig(n_latents=16, dead_tokens_threshold=77).dead_rows(16_384) == 77
     with pytest.raises(HsaeError, match="dead_epoch_fraction"):
