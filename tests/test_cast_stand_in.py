@@ -30,7 +30,7 @@ def test_cast_is_a_stand_in_architecture_with_the_vits_recipe(tmp_path, monkeypa
     assert len(layers) == 4 and layers[3].n_tokens == 1 + 4  # stage 4: 4 tokens + CLS
     images = torch.randn(5, 3, 32, 32)
     acts = cast.capture(images, [0, 3])
-    assert acts[3].shape == (5, 5, 64)
+    assert acts[3].shape == (5, 5, 48)
     out = cast.model.encoder.forward_tree(images)
     trees = segment_trees(out)
     assert [p.shape[1] for p in trees.parents[1:]] == [16, 8, 4]

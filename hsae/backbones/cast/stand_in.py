@@ -26,7 +26,7 @@ class CastStandIn(nn.Module):
     def __init__(
         self,
         image_size: int = 32,
-        d_model: int = 64,
+        d_model: int = 48,  # the ViT stand-in's width
         depths: tuple[int, ...] = (1, 1, 1, 1),
         n_heads: int = 4,
         num_clusters: tuple[int, ...] = (16, 8, 4, 2),
