@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from hsae.config import DatasetConfig
-from hsae.evaluation.control import clamp_edit, clamp_hit_rate, fit_readout, latent_direction
 from hsae.data.synthetic import SyntheticShapes
 from hsae.errors import HsaeError
+from hsae.evaluation.control import clamp_edit, clamp_hit_rate, fit_readout, latent_direction
 from hsae.sae import TopKSAE
 from tests.conftest import perfect_and_null_sae
 
@@ -216,8 +216,8 @@ class KnownClassesText:
 def test_zero_shot_recovers_all_with_a_perfect_sae_and_nothing_with_a_null_one(
     tiny_backbone, setup
 ):
-    from hsae.evaluation.control import spliced_zero_shot
     from hsae.data.synthetic import HIERARCHY
+    from hsae.evaluation.control import spliced_zero_shot
 
     images, labels, _ = setup
     names = list(HIERARCHY.class_names[0])
