@@ -318,6 +318,7 @@ class _Builder:
                     f"backbone.tokens=segments needs a backbone with segment tokens (CAST, "
                     f"loader: cast); {backbone.name} has fixed tokens: use cls, patch or mean"
                 )
+            segment_backbone = backbone
             token_index = torch.empty(0, dtype=torch.long)
             tokens_per_image = info.n_tokens  # nominal, to size shards
         else:
@@ -371,7 +372,9 @@ class _Builder:
                         images = backbone.normalize(images.to(device, non_blocking=True))
                         if ragged:
                             with autocast:
-                                segment_rows, trees = backbone.capture_segments(images, req.layer)
+                                segment_rows, trees = segment_backbone.capture_segments(
+                                    images, req.layer
+                                )
                             rows = segment_rows.rows_nd.float()
                             ragged_parts.append(_ragged_part(kept, segment_rows, trees))
                         else:
@@ -733,7 +736,7 @@ class ActivationCache:
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> str:
     buffer = io.BytesIO()  # zip archives need a seekable file
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle in **
     return _atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
 
 

@@ -26,7 +26,7 @@ each pixel (exact in float32), and ``normalize`` leaves the id channel alone.
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -103,6 +103,7 @@ def segment_trees(out: CastOutput) -> SegmentTrees:
 
 
 class CastBackbone(Backbone):
+    model: CastModel
     has_cls = True
     n_prefix_tokens = 1
 
@@ -276,7 +277,8 @@ def make_authors_vit(
 
     parsed = parse_model_name(model_name)
     backbone = TimmBackbone(name, parsed.arch, None, init_seed)
-    backbone.model.reset_classifier(0)
+    model: Any = backbone.model  # a timm VisionTransformer
+    model.reset_classifier(0)
     if pretrained is not None:
         theirs, _ = read_checkpoint(pretrained)
         state = map_vit_state_dict(theirs, backbone.model.state_dict())

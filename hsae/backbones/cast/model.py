@@ -234,6 +234,9 @@ class GraphPool(nn.Module):
 
 
 class Stage(nn.Module):
+    blocks: nn.ModuleList
+    pool: GraphPool
+
     def __init__(self, arch: CastArch, depth: int, n_clusters: int):
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -300,11 +303,14 @@ class CastModel(nn.Module):
                 nn.init.trunc_normal_(self.pos_embed, std=0.02)
                 nn.init.trunc_normal_(self.cls_pos, std=0.02)
 
-    def blocks(self) -> list[tuple[str, Block]]:
+    def _stages(self) -> list[Stage]:
+        return [stage for stage in self.stages if isinstance(stage, Stage)]
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
         """Every transformer block in forward order, with its module path."""
         return [
             (f"stages.{k}.blocks.{j}", block)
-            for k, stage in enumerate(self.stages)
+            for k, stage in enumerate(self._stages())
             for j, block in enumerate(stage.blocks)
         ]
 
@@ -329,7 +335,7 @@ class CastModel(nn.Module):
 
         paddings, assignments = [], []
         h = x
-        for stage in self.stages:
+        for stage in self._stages():
             h = torch.cat([cls, x], dim=1)
             ignore = torch.cat([pad.new_zeros(b, 1), pad], dim=1) if self.mask_padding else None
             for block in stage.blocks:
