@@ -32,10 +32,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from hsae.data.activations import ActivationArray
 from hsae.data.common import ImageError
 from hsae.errors import HsaeError
 from hsae.hierarchy import Hierarchy
+from hsae.rundir import sha256_file, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -144,52 +143,12 @@ def cache_dir_for(root: Path, spec: dict, backbone_name: str | None) -> Path:
 # ---- atomic files --------------------------------------------------------------------
 
 
-class _HashingWriter:
-    """A file wrapper that hashes what is written, so a shard is read once, not twice."""
-
-    def __init__(self, f):
-        self.f, self.digest = f, hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        return self.f.write(data)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> str:
-    """Write via ``write(file)`` to a temporary name, fsync, rename; returns the sha256."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        writer = _HashingWriter(f)
-        write(writer)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)  # the rename itself survives a power cut
-    return writer.digest.hexdigest()
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    write_json(path, obj, trailing_newline=False)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> str:
-    return _atomic_write_bytes(path, lambda f: np.save(f, array))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return write_atomic(path, lambda f: np.save(f, array))
 
 
 # ---- building ------------------------------------------------------------------------
@@ -525,7 +484,7 @@ class _Builder:
             _save_npy(self.path / IMAGE_IDS, image_ids)
         if image_names is not None:
             text = "".join(f"{name}\n" for name in image_names)
-            _atomic_write_bytes(self.path / IMAGE_NAMES, lambda f: f.write(text.encode()))
+            write_atomic(self.path / IMAGE_NAMES, text)
         n_kept = n_images if image_ids is None else len(image_ids)
         manifest = {
             "format": CACHE_FORMAT,
@@ -629,7 +588,7 @@ class ActivationCache:
                     f"activation cache shard {file} has {file.stat().st_size} bytes, the manifest "
                     f"says {shard['bytes']} (truncated or overwritten); {rebuild}"
                 )
-            if verify and _sha256(file) != shard["sha256"]:
+            if verify and sha256_file(file) != shard["sha256"]:
                 raise HsaeError(
                     f"activation cache shard {file} fails its checksum (the file changed after "
                     f"it was written: disk or copy error); {rebuild}"
@@ -737,7 +696,7 @@ class ActivationCache:
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> str:
     buffer = io.BytesIO()  # zip archives need a seekable file
     np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle in **
-    return _atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
+    return write_atomic(path, buffer.getvalue())
 
 
 def _ragged_part(kept: list[int], segment_rows: Any, trees: Any) -> dict[str, np.ndarray]:

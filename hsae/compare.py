@@ -15,9 +15,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from hsae.backbones.base import same_image_tower_warning
 from hsae.config import flatten, path_safe
 from hsae.errors import HsaeError
+from hsae.fingerprint import same_image_tower_warning
+from hsae.rundir import METRICS, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +58,20 @@ def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
             f"compare={root} is not a folder; pass a multirun dir (multirun/<date>/<time>)"
         )
     rows, metrics = [], set()
-    for metrics_path in sorted(root.rglob("metrics.json")):
+    for metrics_path in sorted(root.rglob(METRICS)):
         run_dir = metrics_path.parent
-        if not (run_dir / "cfg.json").exists():
+        files = RunDir(run_dir)
+        if not files.cfg.exists():
             continue
-        cfg = json.loads((run_dir / "cfg.json").read_text())
+        cfg = files.read_cfg()
         row: dict[str, Any] = {
             k: v for k, v in flatten(cfg["config"]).items() if not k.startswith(IGNORED)
         }
         row["run_dir"] = str(run_dir.relative_to(root))
         row["backbone.fingerprint"] = _image_tower_fingerprint(cfg)
-        run_metrics = json.loads(metrics_path.read_text())
-        if (run_dir / "eval.json").exists():
-            evaluated = json.loads((run_dir / "eval.json").read_text())["metrics"]
+        run_metrics = files.read_metrics()
+        if files.eval.exists():
+            evaluated = files.read_eval()["metrics"]
             run_metrics |= {f"eval/{k}": v for k, v in evaluated.items()}
         row.update(run_metrics)
         metrics |= set(run_metrics)

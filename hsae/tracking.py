@@ -22,6 +22,7 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from hsae.config import LoggerConfig
+from hsae.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,8 @@ def log_artifacts(logger: Logger, run_dir: Path, cache_dirs: dict[str, Path], na
 
     with wandb_guard("log the SAE artifact"):
         artifact = wandb.Artifact(name=artifact_name(f"sae-{name}"), type="sae")
-        artifact.add_file(str(run_dir / "sae.safetensors"))
-        artifact.add_file(str(run_dir / "cfg.json"))
+        artifact.add_file(str(RunDir(run_dir).weights))
+        artifact.add_file(str(RunDir(run_dir).cfg))
         logger.experiment.log_artifact(artifact)
     for split, cache_dir in cache_dirs.items():
         with wandb_guard(f"log the {split} cache reference"):

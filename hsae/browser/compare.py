@@ -15,6 +15,7 @@ from typing import Any
 from hsae.browser.run import BROWSER_DIR, write_run_browser
 from hsae.browser.site import FORMAT, MANIFEST, copy_app
 from hsae.errors import HsaeError
+from hsae.rundir import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,6 @@ def write_comparison_browser(
     (out_dir / "data").mkdir(exist_ok=True)
     copy_app(out_dir)
     payload = {"compare": {"runs": runs}}
-    tmp = out_dir / "data" / f".index.js.tmp-{os.getpid()}"
-    tmp.write_text("hsaeData(" + json.dumps(payload) + ");\n")
-    tmp.replace(out_dir / "data" / "index.js")
+    write_atomic(out_dir / "data" / "index.js", "hsaeData(" + json.dumps(payload) + ");\n")
     log.info("comparison browser of %d runs: %s", len(runs), out_dir / "index.html")
     return out_dir / "index.html"

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hsae import rundir
 from hsae.browser.site import BrowserResult, SiteInputs, build_site
 from hsae.browser.stats import containment, latent_table
 from hsae.cache import ActivationCache, resolve_device
@@ -19,7 +20,7 @@ from hsae.errors import HsaeError
 
 log = logging.getLogger(__name__)
 
-BROWSER_DIR = "browser"
+BROWSER_DIR = rundir.BROWSER
 
 
 def latent_structure(sae: torch.nn.Module) -> dict[str, Any] | None:
@@ -62,8 +63,8 @@ def _image_loader(cfg: dict, cache: ActivationCache, split: str, image_ids: np.n
 
     from hsae.backbones.base import Backbone, Preprocess
     from hsae.browser.media import as_uint8_image
-    from hsae.config import DatasetConfig
-    from hsae.data import ImageError, make_dataset
+    from hsae.data import ImageError
+    from hsae.evaluation import run_dataset
 
     spec = cache.manifest["spec"].get("preprocess")
     if cfg["dataset"]["name"] == "activations" or spec is None:
@@ -73,8 +74,7 @@ def _image_loader(cfg: dict, cache: ActivationCache, split: str, image_ids: np.n
         interpolation=spec["interpolation"], mean=tuple(spec["mean"]), std=tuple(spec["std"]),
     )  # fmt: skip
     geometry = SimpleNamespace(pre=pre)  # Backbone.resize_crop reads only .pre
-    dataset = make_dataset(DatasetConfig(**cfg["dataset"]), split)
-    dataset.transform = None
+    dataset = run_dataset(cfg, split, None)
 
     def load(row: int) -> np.ndarray | None:
         image = dataset[int(image_ids[row])][0]
@@ -125,7 +125,7 @@ def write_run_browser(
 
     run_dir = Path(run_dir).resolve()
     cfg = read_run_cfg(run_dir)
-    eval_path = run_dir / "eval.json"
+    eval_path = rundir.RunDir(run_dir).eval
     record = json.loads(eval_path.read_text()) if eval_path.exists() else {}
     split = split or record.get("split") or "val"
     if split not in cfg["cache"]:

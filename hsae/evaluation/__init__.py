@@ -18,6 +18,8 @@ from hsae.evaluation.inputs import (
     latent_groups,
     make_run_backbone,
     read_run_cfg,
+    run_configs,
+    run_dataset,
 )
 from hsae.evaluation.naming import automatic_names, read_vocabulary
 from hsae.evaluation.report import (
@@ -52,5 +54,7 @@ __all__ = [
     "make_run_backbone",
     "read_run_cfg",
     "read_vocabulary",
+    "run_configs",
+    "run_dataset",
     "skip_reason",
 ]

@@ -21,9 +21,8 @@ import torch
 
 from hsae.backbones import Backbone
 from hsae.cache import ActivationCache
-from hsae.config import DatasetConfig
 from hsae.errors import HsaeError
-from hsae.evaluation.inputs import ImagePass, make_run_backbone
+from hsae.evaluation.inputs import ImagePass, make_run_backbone, run_configs, run_dataset
 from hsae.metrics.hierarchy import LinearProbe, fit_linear_probe
 from hsae.sae.base import SparseAutoencoder
 
@@ -210,15 +209,12 @@ def control_metrics(
     at hierarchy level ``level`` moves to the latent's class. For a backbone with a text
     tower, also CLIP zero-shot accuracy at that level with the SAE spliced in. ``backbone``:
     the run's backbone when the caller has built it already (``make_run_backbone``)."""
-    from hsae.config import BackboneConfig
-    from hsae.data import make_dataset
     from hsae.metrics.interp import top_class
 
-    backbone_cfg = BackboneConfig(**cfg["backbone"])
+    backbone_cfg = run_configs(cfg)[0]
     if backbone is None:
         backbone = make_run_backbone(cfg, device)
-    dataset = make_dataset(DatasetConfig(**cfg["dataset"]), split)
-    dataset.transform = backbone.preprocess
+    dataset = run_dataset(cfg, split, backbone.preprocess)
     labels_n = torch.as_tensor(cache.labels_nl[images.image_ids, level])
     n_classes = cache.hierarchy.n_classes(level)
     # Each latent's class: the majority label of the images it fires on most.

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from hsae import rundir
 from hsae.cache import ActivationCache
+from hsae.config import BackboneConfig, DatasetConfig
 from hsae.errors import HsaeError
 from hsae.metrics import make_sae_metrics
-from hsae.sae import WEIGHTS_FILE
 
 # What evaluation reads from a run's cfg.json (train.py writes these and more).
 RUN_CFG_KEYS = ("sae", "cache", "backbone", "dataset")
@@ -28,13 +29,13 @@ RUN_CFG_KEYS = ("sae", "cache", "backbone", "dataset")
 def read_run_cfg(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise HsaeError(f"run_dir={run_dir} does not exist; pass the folder a train.py run wrote")
-    for name in (WEIGHTS_FILE, "cfg.json"):
+    for name in (rundir.WEIGHTS, rundir.CFG):
         if not (run_dir / name).exists():
             raise HsaeError(
                 f"run_dir={run_dir} has no {name}: the training run did not finish "
                 "(rerun it with the same hydra.run.dir to resume), or this is not a run dir"
             )
-    path = run_dir / "cfg.json"
+    path = rundir.RunDir(run_dir).cfg
     rewrite = (
         "train.py writes it when a run finishes: rerun train.py with this hydra.run.dir and "
         "skip_finished=false (it resumes from checkpoints/last.ckpt), or restore the file"
@@ -50,12 +51,25 @@ def read_run_cfg(run_dir: Path) -> dict:
     return cfg
 
 
+def run_configs(cfg: dict) -> tuple[BackboneConfig, DatasetConfig]:
+    """``cfg.json``'s backbone and dataset as typed configs: the one place they are rebuilt."""
+    return BackboneConfig(**cfg["backbone"]), DatasetConfig(**cfg["dataset"])
+
+
+def run_dataset(cfg: dict, split: str, transform: Any) -> Any:
+    """The run's dataset split, its images through ``transform`` (None: as stored)."""
+    from hsae.data import make_dataset
+
+    dataset = make_dataset(run_configs(cfg)[1], split)
+    dataset.transform = transform
+    return dataset
+
+
 def make_run_backbone(cfg: dict, device: torch.device | str) -> Any:
     """The run's backbone (``cfg.json``'s ``backbone``), on ``device``."""
     from hsae.backbones import make_backbone
-    from hsae.config import BackboneConfig
 
-    backbone = make_backbone(BackboneConfig(**cfg["backbone"]))
+    backbone = make_backbone(run_configs(cfg)[0])
     backbone.model.to(device)
     return backbone
 

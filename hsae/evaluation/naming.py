@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from hsae.cache import ActivationCache
-from hsae.config import DatasetConfig
 from hsae.errors import HsaeError
-from hsae.evaluation.inputs import ImagePass
+from hsae.evaluation.inputs import ImagePass, run_dataset
 from hsae.sae.base import SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -52,12 +51,10 @@ def automatic_names(
     joint space, where the nearest class name (prompt ``template``) or ``vocabulary`` entry
     names it. Returns the metrics (``interp/names_map_r2``: the map's held-out R^2) and
     the per-latent table ``{"columns", "rows"}``."""
-    from hsae.data import make_dataset
     from hsae.metrics.interp import fit_joint_map, name_report
 
     device = next(backbone.model.parameters()).device
-    dataset = make_dataset(DatasetConfig(**cfg["dataset"]), split)
-    dataset.transform = backbone.preprocess
+    dataset = run_dataset(cfg, split, backbone.preprocess)
     chosen = np.sort(np.random.default_rng(seed).permutation(len(images.image_ids))[:max_images])
     layer = cfg["backbone"]["layer"]
     emb = []

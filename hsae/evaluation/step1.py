@@ -3,7 +3,6 @@ joint image-text space; written as one JSON record per (backbone, layer, tokens,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from hsae.cache import resolve_device
 from hsae.errors import HsaeError
 from hsae.evaluation.report import HIERARCAPS_METRICS, account_for, expected_step1
 from hsae.metrics.results import skipped_of
+from hsae.rundir import write_json
 
 
 def hierarchy_of_backbone(
@@ -71,9 +71,7 @@ def _write_step1(
     record = {"backbone": asdict(backbone_cfg), "dataset": asdict(dataset_cfg), "split": split,
               "cache": str(cache_path) if cache_path else None, "metrics": metrics,
               "skipped": skipped}  # fmt: skip
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out_path)
+    write_json(out_path, record)
     return out_path
 
 

@@ -9,7 +9,6 @@ reason under ``skipped``.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from hsae.evaluation.report import _log_eval_to_wandb, account_for, expected_met
 from hsae.metrics.reference import reference_embedding
 from hsae.metrics.results import skipped_of
 from hsae.metrics.sae import max_decoder_cosine
+from hsae.rundir import RunDir, write_json
 from hsae.sae import load_sae
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,7 @@ def evaluate_run(
     record: dict[str, Any] = {"split": split, "metrics": metrics, "skipped": skipped}
     if latents_table is not None:
         record["latents"] = latents_table
-    tmp = run_dir / ".eval.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(run_dir / "eval.json")
+    write_json(RunDir(run_dir).eval, record)
     media = {"latents/names": latents_table} if latents_table is not None else None
     if browser:  # from this pass's activations: no second pass over the cache
         from hsae.browser import write_run_browser

@@ -10,7 +10,9 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from hsae import rundir
 from hsae.errors import HsaeError
+from hsae.rundir import replace_atomic, tmp_path
 from hsae.sae.base import ForwardOutput, SparseAutoencoder
 from hsae.sae.batchtopk import BatchTopKSAE
 from hsae.sae.gated import GatedSAE
@@ -49,7 +51,7 @@ SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {
         HierarchicalSAE,
     )
 }
-WEIGHTS_FILE = "sae.safetensors"
+WEIGHTS_FILE = rundir.WEIGHTS
 FOLDED_SCALE_KEY = "folded_input_scale"  # metadata: the scale save_sae folded into the weights
 
 
@@ -85,14 +87,14 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path) -> Path:
     reader computes the same codes and reconstructions from raw inputs without knowing it),
     integer buffers as they are, and as metadata the SAE's config and the folded scale."""
     path = Path(directory) / WEIGHTS_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
     metadata = {
         "config": json.dumps(sae.config()),
         # A folded SAE saved again (input_scale 1) still carries the scale in its weights.
         FOLDED_SCALE_KEY: repr(float(sae.input_scale) * sae.folded_input_scale),
     }
     save_file(sae.folded_state_dict(), str(tmp), metadata=metadata)
-    tmp.replace(path)
+    replace_atomic(tmp, path)
     return path
 
 

@@ -35,7 +35,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hsae
+from hsae import rundir
 from hsae.errors import HsaeError
+from hsae.rundir import replace_atomic, tmp_path, write_json
 from hsae.sae import WEIGHTS_FILE, load_sae, make_sae
 from hsae.sae.base import SparseAutoencoder
 
@@ -123,13 +125,10 @@ def export_saelens(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights_path = out / SAELENS_WEIGHTS_FILE
-    tmp = weights_path.with_name(f".{weights_path.name}.tmp")
+    tmp = tmp_path(weights_path)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-    tmp.replace(weights_path)
-    cfg_path = out / SAELENS_CFG_FILE
-    tmp = cfg_path.with_name(f".{cfg_path.name}.tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    tmp.replace(cfg_path)
+    replace_atomic(tmp, weights_path)
+    write_json(out / SAELENS_CFG_FILE, cfg)
     return out
 
 
@@ -281,7 +280,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     SAELens' ``model_name`` (the backbone's) and ``hook_name`` (the hooked layer's module
     path where the run records it, else ``blocks.<layer>``) filled in."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "cfg.json"
+    cfg_path = run_dir / rundir.CFG
     for path in (cfg_path, run_dir / WEIGHTS_FILE):
         if not path.exists():
             raise HsaeError(f"{path} does not exist: pass the folder a finished train.py run wrote")

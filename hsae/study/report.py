@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from hsae.config import LoggerConfig, flatten
+from hsae.rundir import write_atomic
 from hsae.study.verdict import FAMILIES
 
 log = logging.getLogger("hsae.study")
@@ -471,15 +472,16 @@ def write_markdown(results: dict[str, Any], out_dir: Path, figures: dict[str, Pa
         "has n^n orderings but few distinct means) and tends to be too narrow: read it with the "
         "exact test's p. Details: docs/study.md.",
         "",
-        "Timing of this run (seconds): "
-        + ", ".join(f"{k} {fmt(v)}" for k, v in timing.items())
+        "Timing of this run (seconds, wall / CPU of this process): "
+        + ", ".join(
+            f"{k} {fmt(v)} / {fmt(results.get('timing_cpu_s', {}).get(k))}"
+            for k, v in timing.items()
+        )
         + ".",
         "",
     ]
     path = out_dir / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    write_atomic(path, "\n".join(lines))
     return path
 
 

@@ -33,6 +33,7 @@ from hsae.config import RunConfig, flatten, to_objects
 from hsae.data import make_dataset
 from hsae.errors import HsaeError
 from hsae.metrics.sae import max_decoder_cosine
+from hsae.rundir import RunDir, write_json
 from hsae.sae import sae_kwargs, save_sae
 from hsae.tracking import finish, log_artifacts, log_summary, make_logger, replay_metrics
 from hsae.training.bank import Member, make_members
@@ -95,9 +96,10 @@ def finished_metrics(run_dir: Path, resolved: dict) -> dict[str, float] | None:
 
     A finished run with a different config is an error, never silently reused.
     """
-    if not (run_dir / "metrics.json").exists() or not (run_dir / "cfg.json").exists():
+    files = RunDir(run_dir)
+    if not files.finished():
         return None
-    stored = json.loads((run_dir / "cfg.json").read_text())["config"]
+    stored = files.read_cfg()["config"]
     old, new = _what_it_computes(stored), _what_it_computes(resolved)
     # A key missing on one side equals null (cfg.json written before `bank` existed).
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
@@ -106,7 +108,7 @@ def finished_metrics(run_dir: Path, resolved: dict) -> dict[str, float] | None:
             f"{run_dir} holds a finished run with a different config ({', '.join(changed[:5])}); "
             "choose another hydra.run.dir / hydra.sweep.dir, or set skip_finished=false to retrain"
         )
-    return json.loads((run_dir / "metrics.json").read_text())
+    return files.read_metrics()
 
 
 def _image_loader(cfg: RunConfig, split: str, size: int = 64):
@@ -155,12 +157,6 @@ def check_checkpoint(path: Path) -> None:
         raise HsaeError(f"{path} is not a Lightning checkpoint (no state_dict); {fix}")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _member_metrics(final: dict[str, float], prefix: str) -> dict[str, float]:
     start = f"{prefix}val/"
     return {k.removeprefix(start): float(v) for k, v in final.items() if k.startswith(start)}
@@ -180,8 +176,8 @@ def _write_run_files(
     finished (``skip_finished``), so it is written last."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_sae(sae, run_dir)
-    _write_json(
-        run_dir / "cfg.json",
+    write_json(
+        RunDir(run_dir).cfg,
         {
             "hsae_version": hsae.__version__,
             "sae": sae.config() | {"lr": lr},
@@ -193,7 +189,7 @@ def _write_run_files(
         }
         | (extra or {}),
     )
-    _write_json(run_dir / "metrics.json", metrics)
+    write_json(RunDir(run_dir).metrics, metrics)
 
 
 def _rows_per_epoch(n_rows: int, cfg: RunConfig) -> int:
@@ -248,8 +244,8 @@ def _bank_listing(run_dir: Path, members: list[Member], lrs: list[float] | None 
 def _check_resumable_bank(run_dir: Path, resolved: dict, members: list[Member]) -> None:
     """A checkpoint holds one bank: resuming it with other entries is an error, not a
     state-dict mismatch deep in Lightning. Records the bank being trained in ``bank.json``."""
-    path = run_dir / "bank.json"
-    if (run_dir / "checkpoints" / "last.ckpt").exists() and path.exists():
+    path = RunDir(run_dir).bank
+    if RunDir(run_dir).last_ckpt.exists() and path.exists():
         stored = _what_it_computes(json.loads(path.read_text())["config"])
         new = _what_it_computes(resolved)
         changed = sorted(k for k in stored.keys() | new.keys() if stored.get(k) != new.get(k))
@@ -259,7 +255,7 @@ def _check_resumable_bank(run_dir: Path, resolved: dict, members: list[Member]) 
                 f"({', '.join(changed[:5])}); choose another hydra.run.dir / hydra.sweep.dir, "
                 "or delete its checkpoints/ to start over"
             )
-    _write_json(path, {"config": resolved, "members": _bank_listing(run_dir, members)})
+    write_json(path, {"config": resolved, "members": _bank_listing(run_dir, members)})
 
 
 def _member_wandb_run(
@@ -350,7 +346,7 @@ def train(
         module = SAEModule(bank=specs, **schedule)
     else:
         module = SAEModule(sae=specs[0]["sae"], lr=specs[0]["lr"], **schedule)
-    last_ckpt = run_dir / "checkpoints" / "last.ckpt"
+    last_ckpt = RunDir(run_dir).last_ckpt
     if last_ckpt.exists():
         check_checkpoint(last_ckpt)
         log.info("resuming from %s", last_ckpt)
@@ -368,7 +364,9 @@ def train(
     report = LatentReport(
         _image_loader(cfg, "val"), list(val_cache.hierarchy.class_names[-1]), seed=cfg.seed
     )
-    callbacks: list[L.Callback] = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)]
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=RunDir(run_dir).last_ckpt.parent, save_last=True)
+    ]
     if is_bank:
         # The job's curves go to CSV; each member gets its own W&B run after training.
         logger = make_logger(replace(cfg.logger, kind="csv"), run_dir, {}, name, tags)
@@ -435,7 +433,7 @@ def train(
                 listing = _bank_listing(run_dir, members, module.lrs)
                 for entry, metrics in zip(listing, results, strict=True):
                     entry["metrics"] = metrics
-                _write_json(run_dir / "bank.json", {"config": resolved, "members": listing})
+                write_json(RunDir(run_dir).bank, {"config": resolved, "members": listing})
                 if cfg.logger.kind == "wandb":
                     csv_path = Path(logger.experiment.metrics_file_path)
                     for member, sae, lr, metrics in zip(
