@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from hsae.errors import HsaeError
+from hsae.fingerprint import same_image_tower_warning  # noqa: F401 - re-exported
 
 # Token index recorded for rows that are not a single token (``mean`` pooling).
 POOLED_TOKEN = -1
@@ -367,25 +368,3 @@ def select_tokens(
     if tokens == "all":
         return acts_btd.reshape(-1, d), torch.arange(n_tokens)
     raise HsaeError(f"backbone.tokens={tokens!r} is not valid; choose cls, patch, mean or all")
-
-
-def same_image_tower_warning(fingerprints_by_name: Mapping[str, str]) -> str | None:
-    """A plain warning when backbones of one sweep/comparison share image-tower weights.
-
-    ``fingerprints_by_name``: backbone name -> ``Backbone.fingerprint()`` (or the
-    ``spec.backbone.fingerprint`` of a cache manifest). None when all towers differ.
-    """
-    groups: dict[str, list[str]] = {}
-    for name, fingerprint in fingerprints_by_name.items():
-        groups.setdefault(fingerprint, []).append(name)
-    shared = [(fp, sorted(names)) for fp, names in sorted(groups.items()) if len(names) > 1]
-    if not shared:
-        return None
-    lines = [
-        f"backbones {' and '.join(names)} have the same image-tower weights "
-        f"(fingerprint {fp}): their image activations are identical, so any difference "
-        "between their vision SAEs is noise from SAE seeds, not a difference between the "
-        "backbones (e.g. RE-CLIP fine-tunes only CLIP's text tower)"
-        for fp, names in shared
-    ]
-    return "; ".join(lines)
