@@ -20,7 +20,7 @@ from hsae import rundir
 from hsae.cache import ActivationCache
 from hsae.config import BackboneConfig, DatasetConfig
 from hsae.errors import HsaeError
-from hsae.metrics import make_sae_metrics
+from hsae.sae.metrics import make_sae_metrics
 
 # What evaluation reads from a run's cfg.json (train.py writes these and more).
 RUN_CFG_KEYS = ("sae", "cache", "backbone", "dataset")

@@ -30,9 +30,9 @@ from hsae.evaluation.naming import automatic_names, read_vocabulary
 from hsae.evaluation.report import _log_eval_to_wandb, account_for, expected_metrics
 from hsae.metrics.reference import reference_embedding
 from hsae.metrics.results import skipped_of
-from hsae.metrics.sae import max_decoder_cosine
 from hsae.rundir import RunDir, write_json
 from hsae.sae import load_sae
+from hsae.sae.metrics import max_decoder_cosine
 
 log = logging.getLogger(__name__)
 

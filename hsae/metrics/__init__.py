@@ -1,6 +1,6 @@
 """Metrics, each a torchmetrics ``Metric`` (correct under DDP)."""
 
-from hsae.metrics.sae import (
+from hsae.sae.metrics import (
     FVU,
     L0,
     L1,

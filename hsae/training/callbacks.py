@@ -15,8 +15,8 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from hsae.cache import ActivationCache
-from hsae.latents import collect_latent_stats, highlight_patch
 from hsae.tracking import wandb_guard
+from hsae.training.latents import collect_latent_stats, highlight_patch
 
 log = logging.getLogger(__name__)
 

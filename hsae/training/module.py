@@ -19,9 +19,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from hsae.errors import HsaeError
-from hsae.metrics import make_sae_metrics
 from hsae.sae import SparseAutoencoder, make_sae
 from hsae.sae.base import global_batch
+from hsae.sae.metrics import make_sae_metrics
 from hsae.training.data import CacheDataModule
 
 # Training rows the inference statistics are calibrated on at each epoch's end (all of an

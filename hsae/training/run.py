@@ -32,9 +32,9 @@ from hsae.cache import ActivationCache, CacheRequest, get_or_build
 from hsae.config import RunConfig, flatten, to_objects
 from hsae.data import make_dataset
 from hsae.errors import HsaeError
-from hsae.metrics.sae import max_decoder_cosine
 from hsae.rundir import RunDir, write_json
 from hsae.sae import sae_kwargs, save_sae
+from hsae.sae.metrics import max_decoder_cosine
 from hsae.tracking import finish, log_artifacts, log_summary, make_logger, replay_metrics
 from hsae.training.bank import Member, make_members
 from hsae.training.callbacks import LatentReport
