@@ -5,7 +5,6 @@ the page cache, then times one epoch of each way of reading it for training:
 
 - ``ShuffledRowReader``: chunk shuffle + buffer shuffle + background prefetch (caches larger
   than RAM), batches of float32, and of float16 as stored (``dtype=None``, for GPUs);
-- ``InMemoryBatches``: the whole cache as float32 in RAM, rows shuffled freely;
 - ``ActivationCache.read`` of random row indices (the map-style path a ``DataLoader`` with
   ``shuffle=True`` takes over memory-mapped shards), for comparison.
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from hsae.cache import CacheRequest, get_or_build
-from hsae.cache_reader import InMemoryBatches, ShuffledRowReader
+from hsae.cache_reader import ShuffledRowReader
 from hsae.config import DatasetConfig
 from hsae.data import make_dataset
 
@@ -82,11 +81,6 @@ def main() -> None:
         reader = ShuffledRowReader(cache, args.batch, pin_memory=False, dtype=None)
         results["shuffled_reader_f16"] = timed_epoch(reader)
 
-        start = time.perf_counter()
-        in_memory = InMemoryBatches(cache, args.batch)
-        load_seconds = time.perf_counter() - start
-        results["in_memory"] = timed_epoch(in_memory)
-
         order = rng.permutation(n)
         batches = (cache.read(order[i : i + args.batch]) for i in range(0, n, args.batch))
         results["random_read"] = timed_epoch(batches, limit_rows=min(n, 100 * args.batch))
@@ -96,7 +90,6 @@ def main() -> None:
     )
     for name, (rows_s, rows) in results.items():
         print(f"{name:16s} {rows_s:>12,.0f} rows/s  ({rows:,} rows)")
-    print(f"in_memory load (float16 -> float32 in RAM): {load_seconds:.1f} s")
     print(f"machine: {machine}")
     if args.json:
         with open(args.json, "w") as f:
@@ -107,7 +100,6 @@ def main() -> None:
                     "d_model": D_MODEL,
                     "batch": args.batch,
                     "rows_per_s": {k: round(v[0]) for k, v in results.items()},
-                    "in_memory_load_s": round(load_seconds, 2),
                 },
                 f,
                 indent=2,

@@ -41,7 +41,6 @@ import torch
 
 from hsae.sae import TopKSAE
 from hsae.sae import sparse as sparse_mod
-from hsae.sae.sparse import two_stage_topk
 from hsae.training.module import SAEModule
 
 
@@ -175,14 +174,11 @@ def lightning_side(args, device, n_steps: int) -> float:
 
 
 def time_topk(args, device) -> None:
-    """The selection alone: ``torch.topk`` vs ``two_stage_topk`` (the candidate for a faster
-    GPU step, where the selection costs more than the encoder's matmul)."""
+    """The selection alone: ``torch.topk`` (on a GPU the selection costs more than the
+    encoder's matmul)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pre = torch.randn(args.batch, args.latents, device=device, dtype=dtype)
     runs = {"torch.topk": lambda: pre.topk(args.k, dim=-1, sorted=False)}
-    for chunks in (8, 24, 96):
-        if args.latents % chunks == 0 and args.latents // chunks >= args.k:
-            runs[f"two-stage, {chunks} chunks"] = lambda c=chunks: two_stage_topk(pre, args.k, c)
     print("top-k selection alone:")
     for name, run in runs.items():
         run()

@@ -629,8 +629,6 @@ class ActivationCache:
             tensor = tensor.view(torch.bfloat16)
         return tensor.float()
 
-    _to_float = to_float
-
     def read(self, rows: np.ndarray) -> torch.Tensor:
         """Rows ``[len(rows), d]`` in the given order."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -6,14 +6,11 @@ in-memory buffer with many chunks, shuffles the rows inside the buffer, and yiel
 A background thread reads and converts the next batches while the caller trains (numpy and
 torch copies release the GIL), into pinned memory when CUDA is present.
 
-``InMemoryBatches`` holds the whole cache in RAM or GPU memory when it fits and shuffles
-rows freely.
-
-Both take ``rank`` and ``world_size``: each epoch the shuffled order is split into
+It takes ``rank`` and ``world_size``: each epoch the shuffled order is split into
 ``world_size`` disjoint, equal parts (rows beyond ``world_size * (n_rows // world_size)``
 wait for the next epoch's shuffle), so under DDP every rank takes the same number of steps
-and no row is seen twice in an epoch. Both are ``IterableDataset``s of whole batches: give
-them to ``DataLoader(reader, batch_size=None)`` or iterate them directly. Each pass over a
+and no row is seen twice in an epoch. It is an ``IterableDataset`` of whole batches: give
+it to ``DataLoader(reader, batch_size=None)`` or iterate them directly. Each pass over a
 reader is the next epoch, unless ``set_epoch`` says otherwise (call it when resuming).
 """
 
@@ -83,41 +80,6 @@ class _Base(IterableDataset):
         epoch = self.epoch
         self.epoch += 1
         return epoch
-
-
-class InMemoryBatches(_Base):
-    """Batches ``[batch, d]`` float32 of a cache held whole in RAM or on a GPU."""
-
-    def __init__(
-        self,
-        cache: ActivationCache | str | Path | torch.Tensor,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        device: str | torch.device = "cpu",
-        drop_last: bool = True,
-    ):
-        data = cache if isinstance(cache, torch.Tensor) else _open(cache).load_all()
-        self.data = data.to(device)
-        super().__init__(len(self.data), batch_size, seed, rank, world_size, drop_last)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        _check_single_process()
-        generator = torch.Generator().manual_seed(_seed(self.seed, self._next_epoch()))
-        order = torch.randperm(self.n_rows, generator=generator)
-        mine = order[self.rank * self.rows_per_rank : (self.rank + 1) * self.rows_per_rank]
-        if self.data.device.type == "cpu" and self.data.dtype != torch.bfloat16:
-            # numpy's row gather is several times faster than torch's on CPU.
-            data, index = self.data.numpy(), mine.numpy()
-            for b in range(len(self)):
-                rows = index[b * self.batch_size : (b + 1) * self.batch_size]
-                yield torch.from_numpy(np.take(data, rows, axis=0))
-            return
-        mine = mine.to(self.data.device)
-        for b in range(len(self)):
-            yield self.data[mine[b * self.batch_size : (b + 1) * self.batch_size]]
 
 
 def _seed(*parts: int) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hsae.cache import CacheRequest, get_or_build
-from hsae.cache_reader import InMemoryBatches, ShuffledRowReader
+from hsae.cache_reader import ShuffledRowReader
 from hsae.config import DatasetConfig
 from hsae.data import make_dataset
 from hsae.errors import HsaeError
@@ -117,16 +117,6 @@ def test_reader_errors_reach_the_caller(cache, monkeypatch):
     monkeypatch.setattr(reader, "_read_into", broken)
     with pytest.raises(OSError, match="disk gone"):
         list(reader)
-
-
-def test_in_memory_batches_split_by_rank(cache):
-    parts = [list(InMemoryBatches(cache, 50, seed=1, rank=r, world_size=2)) for r in range(2)]
-    assert len(parts[0]) == len(parts[1]) == (cache.n_rows // 2) // 50
-    rows = [positions(cache, p) for p in parts]
-    assert not set(rows[0]) & set(rows[1])
-    torch.testing.assert_close(torch.cat(parts[0]), cache.expected[rows[0]])
-    sizes = [len(b) for b in InMemoryBatches(cache.expected, 250, drop_last=False)]
-    assert sizes == [250, 250, 250, cache.n_rows - 750]
 
 
 def test_bad_arguments_are_errors(cache, monkeypatch):

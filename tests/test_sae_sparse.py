@@ -120,16 +120,6 @@ def test_topk_sparse_eval_and_autocast():
     torch.testing.assert_close(out.x_hat.float(), dense(x).x_hat, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("n_chunks", [1, 4, 24, 7])
-def test_two_stage_topk_selects_the_same_latents(n_chunks):
-    from hsae.sae.sparse import two_stage_topk
-
-    pre = torch.randn(50, 96 * 4, dtype=torch.float64)  # no ties
-    got = two_stage_topk(pre, 8, n_chunks).sort(dim=-1).values
-    want = pre.topk(8, dim=-1).indices.sort(dim=-1).values
-    assert torch.equal(got, want)
-
-
 @pytest.mark.parametrize(
     "arch, extra",
     [

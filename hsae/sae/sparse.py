@@ -182,22 +182,6 @@ def gathered_pre_acts(
     return _GatheredPreActs.apply(x_nd, b_pre, W_enc, b_enc, indices_nk, pre_nl)
 
 
-def two_stage_topk(pre_nl: torch.Tensor, k: int, n_chunks: int) -> torch.Tensor:
-    """Indices ``[n, k]`` of each row's ``k`` largest entries (in no particular order), found
-    as the ``k`` largest of each of ``n_chunks`` column chunks first, then the ``k`` largest
-    of those candidates: the same set as ``torch.topk`` (ties aside), from many short
-    selections instead of one long one. ``bench/sae_step.py`` times both on the device."""
-    n, width = pre_nl.shape
-    if n_chunks <= 1 or width % n_chunks or width // n_chunks < k:
-        return pre_nl.topk(k, dim=-1, sorted=False).indices
-    chunk = width // n_chunks
-    local = pre_nl.view(n, n_chunks, chunk).topk(k, dim=-1, sorted=False)
-    offsets = torch.arange(0, width, chunk, device=pre_nl.device)[None, :, None]
-    candidates = (local.indices + offsets).view(n, -1)
-    best = local.values.view(n, -1).topk(k, dim=-1, sorted=False).indices
-    return candidates.gather(-1, best)
-
-
 def batch_topk_indices(pre_nl: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchTopK's selection (the ``k * n`` largest ReLU'd entries of the batch, as
     ``hsae.sae.base.batch_topk_codes``) as per-row indices ``[n, w]`` padded to the widest
