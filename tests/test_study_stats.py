@@ -199,3 +199,10 @@ def test_derived_metrics():
     assert d["interp/purity@mean"] == pytest.approx(0.6)
     assert d["interp/sparse_probe@k1/mean"] == pytest.approx(0.8)
     assert d["control/hit_gain"] == pytest.approx(0.4)
+
+
+def test_no_replication_gives_no_interval():
+    # One unit, one SAE seed, no image draw: the difference is a single number, never "supported".
+    base, treat = np.zeros((1, 1, 1, 2)), np.ones((1, 1, 1, 2))
+    e = compare_kinds("m", base, treat, paired=False, n_boot=200)
+    assert e.estimate == 1 and math.isnan(e.ci_low) and call(e, +1) == INCONCLUSIVE

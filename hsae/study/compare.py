@@ -155,6 +155,11 @@ def compare_kinds(
     boots = hierarchical_bootstrap(baseline_usjc, treatment_usjc, paired, n_boot, seed)
     alpha = (1 - ci) / 2
     low, high = np.quantile(boots, [alpha, 1 - alpha])
+    replicated = max(baseline_usjc.shape[0], treatment_usjc.shape[0]) > 1 or (
+        baseline_usjc.shape[1] > 1 or baseline_usjc.shape[2] > 1
+    )
+    if not replicated:  # one unit, one SAE seed, no image draw: nothing to resample
+        low = high = math.nan
     p_boot = float(min(1.0, 2 * min((boots <= 0).mean(), (boots >= 0).mean())))
     unit_a, unit_t = _unit_means(baseline_usjc), _unit_means(treatment_usjc)
     effect_size, p_test, test = math.nan, math.nan, "none (one backbone unit per kind)"

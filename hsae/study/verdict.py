@@ -137,8 +137,10 @@ def call(effect: Effect | None, better: int) -> str:
     """supported / contradicted / inconclusive from the interval in the better direction."""
     if better == 0:
         return DESCRIPTIVE
-    if effect is None or not (math.isfinite(effect.ci_low) and math.isfinite(effect.ci_high)):
+    if effect is None:
         return NOT_APPLICABLE
+    if not (math.isfinite(effect.ci_low) and math.isfinite(effect.ci_high)):
+        return INCONCLUSIVE  # no replication at any level: no interval
     low, high = sorted((better * effect.ci_low, better * effect.ci_high))
     if low > 0:
         return SUPPORTED
