@@ -103,7 +103,7 @@ def _fit_free_embeddings(objective: str, seed: int) -> float:
 def test_hier_objective_puts_classes_at_tree_distances_flat_does_not():
     """Known effect: with free embeddings, flat cross-entropy separates the leaves in any
     geometry (CPCC stays near the random start's ~0), the hierarchical objective lays the
-    class means out along the tree (CPCC near 1). Measured: hier ~0.98, flat ~0.0-0.2."""
+    class means out along the tree (CPCC near 1). Measured: hier 0.995, 0.994; flat -0.02, -0.00."""
     for seed in (0, 1):
         hier, flat = _fit_free_embeddings("hier", seed), _fit_free_embeddings("flat", seed)
         assert hier > 0.9
