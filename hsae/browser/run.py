@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from hsae.browser.site import BrowserResult, SiteInputs, build_site
 from hsae.browser.stats import containment, latent_table
 from hsae.cache import ActivationCache, resolve_device
 from hsae.errors import HsaeError
+from hsae.evaluation.inputs import patch_grid
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,6 @@ def latent_structure(sae: torch.nn.Module) -> dict[str, Any] | None:
         n_parents, n_children = getattr(sae, "n_parents"), getattr(sae, "n_children")  # noqa: B009
         return {"kind": "hierarchical", "n_parents": int(n_parents), "n_children": int(n_children)}
     return None
-
-
-def patch_grid(cache: ActivationCache) -> tuple[int, int] | None:
-    """``(h, w)`` when each image's rows are a square grid of patch tokens (as Moran's I)."""
-    token_index = cache.manifest["token_index"]
-    side = math.isqrt(len(token_index))
-    contiguous = token_index == list(range(token_index[0], token_index[0] + len(token_index)))
-    is_patch = cache.manifest["spec"].get("tokens") == "patch"
-    return (side, side) if is_patch and side * side == len(token_index) and contiguous else None
 
 
 def names_from_record(record: dict) -> dict[int, tuple[str, float]]:

@@ -87,7 +87,7 @@ class ImagePass:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-def _patch_grid(cache: ActivationCache) -> tuple[int, int] | None:
+def patch_grid(cache: ActivationCache) -> tuple[int, int] | None:
     """``(h, w)`` when the rows are exactly a square grid of patch tokens per image."""
     token_index = cache.manifest["token_index"]
     side = math.isqrt(len(token_index))
@@ -105,7 +105,7 @@ def image_pass(
     tokens_per_image = cache.manifest["tokens_per_image"]
     rows_per_batch = max(1, batch_size // tokens_per_image) * tokens_per_image
     metrics = make_sae_metrics(sae.d_model, sae.n_latents).to(device)
-    grid = _patch_grid(cache)
+    grid = patch_grid(cache)
     moran = MoranAccumulator(sae.n_latents, grid, device) if grid else None
     # Filled in place: a list of batches and its concatenation would hold the [images x
     # latents] activations twice (2 x 4.9 GB at 50,000 images x 24,576 latents).
