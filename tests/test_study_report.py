@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hsae.study.compare import compare_study
 from hsae.study.config import KindConfig, StudyConfig
 from hsae.study.plan import Unit
 from hsae.study.report import fmt, write_report
-from hsae.study.run import compare_study, make_verdict
+from hsae.study.verdict import make_verdict
 
 LEVELS = ("family", "genus", "species")
 

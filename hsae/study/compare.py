@@ -30,9 +30,15 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from hsae.study import plan as plan_mod
+from hsae.study.verdict import FAMILIES, JOINT_METRICS, STEP1_SECONDARY, Metric, call
+
+if TYPE_CHECKING:
+    from hsae.study.config import StudyConfig
 
 
 def interpolate_at(l0_p: np.ndarray, value_p: np.ndarray, targets_t: np.ndarray) -> np.ndarray:
@@ -264,3 +270,186 @@ def common_cells(*arrays: np.ndarray) -> np.ndarray:
     for a in arrays:
         ok &= np.isfinite(a).all(axis=(0, 1, 2))
     return ok
+
+
+# ---- the study's comparison: every metric, per layer position ----------------------
+
+
+def _networks(units: list[plan_mod.Unit], role: str) -> list[str]:
+    seen: list[str] = []
+    for u in units:
+        if u.role == role and u.network not in seen:
+            seen.append(u.network)
+    return seen
+
+
+def _is_paired(study: StudyConfig, units: list[plan_mod.Unit]) -> bool:
+    """Paired when both kinds have one backbone config each and the same backbone seeds:
+    unit i of one kind shares its seed (initialisation, batch order) with unit i of the other."""
+    base, treat = study.baseline, study.treatment
+    return (
+        base.seeds is not None
+        and list(base.seeds) == list(treat.seeds or [])
+        and len(base.backbones) == len(treat.backbones) == 1
+    )
+
+
+def _step1_array(
+    records: dict[str, dict],
+    networks: list[str],
+    pos: int,
+    metric: str,
+    units: list[plan_mod.Unit],
+    where: str = "metrics",
+) -> np.ndarray:
+    """``[units, 1, 1 + image draws, 1]`` for step-1 metrics (no SAE seeds, one cell)."""
+    rows = []
+    for network in networks:
+        unit = next(u for u in units if u.network == network and u.layer_pos == pos)
+        rec = records[unit.name]
+        if where == "joint":
+            joint = rec.get("joint") or {}
+            rows.append(np.array([metric_value(joint.get("metrics", {}), metric)]))
+        else:
+            rows.append(
+                image_draws(
+                    metric_value(rec["metrics"], metric),
+                    [metric_value(h, metric) for h in rec["halves"]],
+                )
+            )
+    n = min(len(r) for r in rows)
+    return np.array([r[:n] for r in rows])[:, None, :, None]
+
+
+def _effect_or_none(
+    metric: str, base: np.ndarray, treat: np.ndarray, paired: bool, study: StudyConfig
+) -> dict[str, Any] | None:
+    if (
+        base.size == 0
+        or treat.size == 0
+        or not (np.isfinite(base).all() and np.isfinite(treat).all())
+    ):
+        return None
+    if base.shape[2] != treat.shape[2]:
+        n = min(base.shape[2], treat.shape[2])
+        base, treat = base[:, :, :n], treat[:, :, :n]
+    return compare_kinds(
+        metric, base, treat, paired, study.n_boot, study.ci, study.boot_seed
+    ).to_dict()
+
+
+def identical_towers(step1_records: dict[str, dict], units: list[plan_mod.Unit]) -> list[str]:
+    """Pairs (baseline network, treatment network) whose image towers share weights."""
+    from hsae.backbones.base import same_image_tower_warning
+
+    prints = {}
+    for u in units:
+        fp = step1_records[u.name].get("fingerprint")
+        if fp:
+            prints[f"{u.kind}:{u.network}"] = fp
+    by_fp: dict[str, set[str]] = {}
+    for name, fp in prints.items():
+        by_fp.setdefault(fp, set()).add(name.split(":", 1)[0])
+    shared = {fp for fp, kinds in by_fp.items() if len(kinds) > 1}
+    warning = same_image_tower_warning({n: fp for n, fp in prints.items() if fp in shared})
+    return [warning] if warning else []
+
+
+def compare_study(
+    study: StudyConfig,
+    units: list[plan_mod.Unit],
+    step1_records: dict[str, dict],
+    sae_records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    paired = _is_paired(study, units)
+    base_nets, treat_nets = _networks(units, "baseline"), _networks(units, "treatment")
+    towers = identical_towers(step1_records, units)
+    targets = plan_mod.l0_targets(study)
+    positions = sorted({u.layer_pos for u in units})
+    layers_out = []
+    for pos in positions:
+        layer_of = {u.kind: u.backbone["layer"] for u in units if u.layer_pos == pos}
+        entry: dict[str, Any] = {
+            "layer_pos": pos,
+            "layers": layer_of,
+            "step1": {},
+            "joint": {},
+            "families": {},
+            "per_l0": {},
+        }
+        for metric in (Metric(study.step1_metric, +1), *STEP1_SECONDARY):
+            base = _step1_array(step1_records, base_nets, pos, metric.key, units)
+            treat = _step1_array(step1_records, treat_nets, pos, metric.key, units)
+            effect = _effect_or_none(metric.key, base, treat, paired, study)
+            entry["step1"][metric.key] = {
+                "better": metric.better,
+                "effect": effect,
+                "call": call(_as_effect(effect), metric.better),
+            }
+        if study.joint_dataset is not None:
+            for metric in JOINT_METRICS:
+                base = _step1_array(step1_records, base_nets, pos, metric.key, units, "joint")
+                treat = _step1_array(step1_records, treat_nets, pos, metric.key, units, "joint")
+                effect = _effect_or_none(metric.key, base, treat, paired, study)
+                entry["joint"][metric.key] = {
+                    "better": metric.better,
+                    "effect": effect,
+                    "call": call(_as_effect(effect), metric.better),
+                }
+        for family in FAMILIES:
+            fam: dict[str, Any] = {"title": family.title, "metrics": {}}
+            for metric in (family.primary, *family.secondary):
+                curves = sae_curves(sae_records, metric.key, pos, list(study.expansions), targets)
+                if not curves:
+                    continue
+                base = stack_kind(curves, base_nets, list(study.sae_seeds))
+                treat = stack_kind(curves, treat_nets, list(study.sae_seeds))
+                n_draws = min(base.shape[2], treat.shape[2])
+                base, treat = base[:, :, :n_draws], treat[:, :, :n_draws]
+                keep = common_cells(base, treat)
+                cells = [(e, t) for e in study.expansions for t in targets]
+                effect = _effect_or_none(
+                    metric.key, base[..., keep], treat[..., keep], paired, study
+                )
+                fam["metrics"][metric.key] = {
+                    "better": metric.better,
+                    "effect": effect,
+                    "call": call(_as_effect(effect), metric.better),
+                    "cells": [
+                        {"expansion": e, "l0": t}
+                        for (e, t), k in zip(cells, keep, strict=True)
+                        if k
+                    ],
+                    "dropped_cells": [
+                        {"expansion": e, "l0": t}
+                        for (e, t), k in zip(cells, keep, strict=True)
+                        if not k
+                    ],
+                }
+                if metric == family.primary:
+                    per_l0 = []
+                    for t_i, target in enumerate(targets):
+                        cols = np.array(
+                            [c == t_i for _ in study.expansions for c in range(len(targets))]
+                        )
+                        cols &= keep
+                        eff = _effect_or_none(
+                            metric.key, base[..., cols], treat[..., cols], paired, study
+                        )
+                        if eff is not None:
+                            per_l0.append({"l0": target, **eff})
+                    entry["per_l0"][metric.key] = per_l0
+            entry["families"][family.key] = fam
+        layers_out.append(entry)
+    return {
+        "paired": paired,
+        "identical_towers": towers,
+        "l0_targets": targets,
+        "layers": layers_out,
+    }
+
+
+def _as_effect(effect: dict[str, Any] | None):
+    if effect is None:
+        return None
+    return Effect(**{**effect, "n_units": tuple(effect["n_units"])})

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hsae.study.compare import Effect
+if TYPE_CHECKING:
+    from hsae.study.compare import Effect
+    from hsae.study.config import StudyConfig
 
 
 @dataclass(frozen=True)
@@ -168,3 +170,61 @@ def falsifier(status: str, treatment: str, baseline: str, metric: str, better: i
             "0 would contradict it"
         )
     return ""
+
+
+def make_verdict(study: StudyConfig, comparison: dict[str, Any]) -> dict[str, Any]:
+    """Per layer position: the precondition, then one plain-language line per family."""
+    base, treat = study.baseline.label, study.treatment.label
+    towers = comparison["identical_towers"]
+    out = []
+    for entry in comparison["layers"]:
+        pre_metric, pre = study.step1_metric, entry["step1"][study.step1_metric]
+        joint = entry["joint"].get(JOINT_METRICS[0].key)
+        if towers and joint is not None and joint["effect"] is not None:
+            # Identical image towers cannot differ in step 1 on images: the precondition is
+            # the joint image-text hierarchy, which is what the text towers change.
+            pre_metric, pre = f"{JOINT_METRICS[0].key} (joint image-text)", joint
+        holds = pre["call"] == "supported"
+        families = []
+        for family in FAMILIES:
+            metric = family.primary
+            info = entry["families"][family.key]["metrics"].get(metric.key)
+            status = info["call"] if info else NOT_APPLICABLE
+            reason = ""
+            if towers and family.vision:
+                status, reason = (
+                    NOT_APPLICABLE,
+                    (
+                        "identical image towers: the vision SAEs see the same activations, so any "
+                        "difference is SAE-seed noise"
+                    ),
+                )
+            elif info is None or info["effect"] is None:
+                status = NOT_APPLICABLE
+                reason = "not computed for these backbones; step 3 logs why"
+            families.append(
+                {
+                    "family": family.key,
+                    "title": family.title,
+                    "metric": metric.key,
+                    "better": "higher" if metric.better > 0 else "lower",
+                    "status": status,
+                    "reason": reason,
+                    "effect": None if info is None else info["effect"],
+                    "falsified_by": falsifier(status, treat, base, metric.key, metric.better),
+                }
+            )
+        out.append(
+            {
+                "layer_pos": entry["layer_pos"],
+                "layers": entry["layers"],
+                "precondition": {
+                    "metric": pre_metric,
+                    "holds": holds,
+                    "status": pre["call"],
+                    "effect": pre["effect"],
+                },
+                "families": families,
+            }
+        )
+    return {"treatment": treat, "baseline": base, "hypothesis": study.hypothesis, "layers": out}
