@@ -231,6 +231,19 @@ class SparseAutoencoder(nn.Module, ABC):
         calls it at the end of each epoch, before validation and the checkpoint. Only
         BatchTopK's threshold has any; the rest need nothing."""
 
+    # ---- hooks the trainer calls each step (no-ops here; architectures override) -------
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Training progress, before the step's forward: coefficients with a warm-up (the
+        sparsity penalty of ReLU, Gated and JumpReLU) follow it."""
+
+    def before_optimizer_step(self) -> None:
+        """After backward, before the optimiser steps (unit-norm decoders drop the gradient
+        along their rows)."""
+
+    def after_optimizer_step(self) -> None:
+        """After the optimiser step (unit-norm decoders renormalise their rows)."""
+
     @torch.no_grad()
     def init_b_pre(self, sample_nd: torch.Tensor, method: str = "geometric_median") -> None:
         """Centre the encoder on the data: the geometric median is robust to outlier rows.
@@ -365,6 +378,12 @@ class UnitNormDecoderMixin:
             unit = weight / weight.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             parallel = (weight.grad * unit).sum(dim=-1, keepdim=True)
             weight.grad.sub_(parallel * unit)
+
+    def before_optimizer_step(self) -> None:
+        self.remove_parallel_grad()
+
+    def after_optimizer_step(self) -> None:
+        self.normalize_decoder()
 
 
 class AuxKMixin:

@@ -172,7 +172,7 @@ def fit_sae(
 ) -> SparseAutoencoder:
     """Train ``sae`` on fresh rows of ``dictionary`` each step (Adam, constant learning rate
     then linear decay over the last ``decay_fraction``), with the same hooks the Lightning
-    module calls: ``set_progress``, ``remove_parallel_grad``, ``normalize_decoder``. A plain
+    module calls: ``set_progress``, ``before_optimizer_step``, ``after_optimizer_step``. A plain
     loop: on problems this small Lightning's per-step overhead would dominate."""
     generator = torch.Generator().manual_seed(seed)
     sae.train()
@@ -183,15 +183,12 @@ def fit_sae(
         if step >= decay_start:
             for group in optimizer.param_groups:
                 group["lr"] = lr * (n_steps - step) / max(1, n_steps - decay_start)
-        if (hook := getattr(sae, "set_progress", None)) is not None:
-            hook(step, n_steps)
+        sae.set_progress(step, n_steps)
         x, _ = dictionary.sample(batch_size, generator)
         out = sae(x)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        if (hook := getattr(sae, "remove_parallel_grad", None)) is not None:
-            hook()
+        sae.before_optimizer_step()
         optimizer.step()
-        if (hook := getattr(sae, "normalize_decoder", None)) is not None:
-            hook()
+        sae.after_optimizer_step()
     return sae.eval()

@@ -129,8 +129,8 @@ class SAEModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         outputs = []
         for i, sae in enumerate(self.saes):
-            if hasattr(sae, "set_progress"):  # sparsity-coefficient warm-up
-                sae.set_progress(self.global_step, int(self.trainer.estimated_stepping_batches))
+            # The SAE's hooks (SparseAutoencoder: no-ops unless the architecture needs them).
+            sae.set_progress(self.global_step, int(self.trainer.estimated_stepping_batches))
             # Under DDP, batch statistics of the global batch: N ranks train like one process.
             with self._member_rng(i), global_batch():
                 outputs.append(sae(batch))
@@ -174,13 +174,11 @@ class SAEModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         for sae in self.saes:
-            if hasattr(sae, "remove_parallel_grad"):
-                sae.remove_parallel_grad()
+            sae.before_optimizer_step()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         for sae in self.saes:
-            if hasattr(sae, "normalize_decoder"):
-                sae.normalize_decoder()
+            sae.after_optimizer_step()
 
     def on_validation_epoch_start(self) -> None:
         # The end of a training epoch: validation runs before the epoch's checkpoint, so the
