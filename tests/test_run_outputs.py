@@ -108,8 +108,9 @@ def test_threshold_archs_end_with_eval_l0_at_k(zoo_bank, arch):
     _, members = zoo_bank
     metrics = json.loads((members[arch][1] / "metrics.json").read_text())
     assert metrics["l0_target"] == K
-    # Measured: 16.0 for both on training rows (by construction); on these val rows
-    # batchtopk ~16.5, matryoshka ~16.2. Before calibration: 4.6 and 4.8.
+    # Measured (this bank's config, CSV logger): batchtopk 15.40, matryoshka 15.33 on the
+    # val rows (16.00 on the calibration rows, by construction); before calibration, with
+    # the running average alone: 3.18 and 3.42.
     assert abs(metrics["l0"] - K) <= 0.1 * K, metrics["l0"]
 
 
