@@ -37,6 +37,8 @@ EXPECTED = {
     "cast_s_deit": (11, 17),
     "vit_s_moco": (12, 197),
     "deit_s": (12, 197),
+    "stand_in_flat": (2, 17),  # conv-stem ViT: 4x4 tokens + CLS at 32 px
+    "stand_in_hier": (2, 17),
 }
 
 
@@ -76,11 +78,14 @@ def test_every_config_is_listed():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_agrees_with_its_architecture(compose, tmp_path, name):
+def test_config_agrees_with_its_architecture(compose, tmp_path, monkeypatch, name):
     cfg = to_objects(compose([f"backbone={name}"]), RunConfig).backbone
     assert cfg.name == name
     if cfg.loader == "hf":
         cfg = replace(cfg, model_name=str(hf_architecture(cfg.model_name, tmp_path / "m")))
+    elif cfg.loader == "stand_in":  # its real architecture, trained for one step, stored in tmp
+        monkeypatch.setenv("HSAE_HOME", str(tmp_path / "home"))
+        cfg = replace(cfg, recipe={**cfg.recipe, "steps": 1, "n_train": 128, "n_val": 54})
     else:
         cfg = replace(cfg, pretrained=None)  # random weights: no downloads
     backbone = make_backbone(cfg)  # checks layer range, d_model and cls vs the model
