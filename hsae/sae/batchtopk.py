@@ -22,11 +22,9 @@ from __future__ import annotations
 import torch
 
 from hsae.sae.base import (
-    ForwardOutput,
     batch_topk_codes,
     check_fraction,
     global_min,
-    normalized_mse,
 )
 from hsae.sae.sparse import batch_topk_indices
 from hsae.sae.topk import TopKSAE
@@ -126,8 +124,8 @@ class BatchTopKSAE(ThresholdMixin, TopKSAE):
         self.threshold_momentum = threshold_momentum
         self._init_threshold()
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._sparsify(self.pre_acts(x), self.k)
+    def _dense_codes(self, pre_nl: torch.Tensor) -> torch.Tensor:
+        return self._sparsify(pre_nl, self.k)
 
     def _use_sparse(self) -> bool:
         # The batch selection runs sparse; the inference threshold is a dense comparison.
@@ -138,15 +136,3 @@ class BatchTopKSAE(ThresholdMixin, TopKSAE):
 
     def _observe_codes(self, codes_nl: torch.Tensor) -> None:
         self._update_threshold(codes_nl)
-
-    def _forward_dense(self, x: torch.Tensor) -> ForwardOutput:
-        dead_l = self.dead_latents()
-        pre_nl = self.pre_acts(x)
-        codes = self._sparsify(pre_nl, self.k)
-        x_hat = self._decode(codes)
-        recon = normalized_mse(x_hat, x)
-        aux = self._auxk_loss(pre_nl, x, x_hat, dead_l, self.W_dec)
-        if self.training:
-            self._update_fired(codes)
-        loss = recon if aux is None else recon + aux
-        return ForwardOutput(x_hat=x_hat, codes=codes, loss=loss, recon_loss=recon, aux_loss=aux)

@@ -29,12 +29,11 @@ from hsae.sae.base import (
     check_positive_int,
     l1_scale,
     normalized_mse,
-    warmup_scale,
 )
-from hsae.sae.relu import check_l1
+from hsae.sae.relu import L1PenaltyMixin
 
 
-class GatedSAE(UnitNormDecoderMixin, SparseAutoencoder):
+class GatedSAE(L1PenaltyMixin, UnitNormDecoderMixin, SparseAutoencoder):
     arch = "gated"
     encoder_weights = ("W_gate",)  # the magnitude path reuses it
 
@@ -47,10 +46,8 @@ class GatedSAE(UnitNormDecoderMixin, SparseAutoencoder):
     ):
         super().__init__()
         check_positive_int("n_latents", n_latents)
-        check_l1(l1_coeff, l1_warmup_fraction)
+        self._init_l1(l1_coeff, l1_warmup_fraction)
         self.d_model, self.n_latents = d_model, n_latents
-        self.l1_coeff, self.l1_warmup_fraction = l1_coeff, l1_warmup_fraction
-        self.l1_warmup = 1.0  # full coefficient unless a trainer reports its progress
         self.b_pre = nn.Parameter(torch.zeros(d_model))
         self.W_gate = nn.Parameter(torch.empty(d_model, n_latents))
         self.b_gate = nn.Parameter(torch.zeros(n_latents))
@@ -66,9 +63,6 @@ class GatedSAE(UnitNormDecoderMixin, SparseAutoencoder):
             self.W_gate.copy_(self.W_dec.T)
             for bias in (self.b_gate, self.r_mag, self.b_mag, self.b_pre):
                 bias.zero_()
-
-    def set_progress(self, step: int, total_steps: int) -> None:
-        self.l1_warmup = warmup_scale(step, total_steps, self.l1_warmup_fraction)
 
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pi_gate, codes)``; the magnitude path reuses the gate's projection."""

@@ -37,7 +37,20 @@ def check_l1(l1_coeff: float, l1_warmup_fraction: float) -> None:
     check_fraction("l1_warmup_fraction", l1_warmup_fraction)
 
 
-class ReLUSAE(SparseAutoencoder):
+class L1PenaltyMixin:
+    """The L1 sparsity penalty of ReLU and Gated SAEs, its coefficient warmed up linearly
+    over the first ``l1_warmup_fraction`` of training (the trainer reports progress)."""
+
+    def _init_l1(self, l1_coeff: float, l1_warmup_fraction: float) -> None:
+        check_l1(l1_coeff, l1_warmup_fraction)
+        self.l1_coeff, self.l1_warmup_fraction = l1_coeff, l1_warmup_fraction
+        self.l1_warmup = 1.0  # full coefficient unless a trainer reports its progress
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.l1_warmup = warmup_scale(step, total_steps, self.l1_warmup_fraction)
+
+
+class ReLUSAE(L1PenaltyMixin, SparseAutoencoder):
     arch = "relu"
 
     def __init__(
@@ -49,10 +62,8 @@ class ReLUSAE(SparseAutoencoder):
     ):
         super().__init__()
         check_positive_int("n_latents", n_latents)
-        check_l1(l1_coeff, l1_warmup_fraction)
+        self._init_l1(l1_coeff, l1_warmup_fraction)
         self.d_model, self.n_latents = d_model, n_latents
-        self.l1_coeff, self.l1_warmup_fraction = l1_coeff, l1_warmup_fraction
-        self.l1_warmup = 1.0  # full coefficient unless a trainer reports its progress
         self.b_pre = nn.Parameter(torch.zeros(d_model))
         self.W_enc = nn.Parameter(torch.empty(d_model, n_latents))
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
@@ -66,9 +77,6 @@ class ReLUSAE(SparseAutoencoder):
             self.W_enc.copy_(self.W_dec.T)
             self.b_enc.zero_()
             self.b_pre.zero_()
-
-    def set_progress(self, step: int, total_steps: int) -> None:
-        self.l1_warmup = warmup_scale(step, total_steps, self.l1_warmup_fraction)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return ((x - self.b_pre) @ self.W_enc + self.b_enc).relu()

@@ -73,8 +73,12 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         """Pre-activations of ``x`` in normalised units (``x / input_scale``)."""
         return torch.addmm(self.b_enc, x - self.b_pre, self.W_enc)
 
+    def _dense_codes(self, pre_nl: torch.Tensor) -> torch.Tensor:
+        """Codes from pre-activations (BatchTopK: its batch selection or threshold)."""
+        return topk_codes(pre_nl, self.k)
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        return topk_codes(self.pre_acts(x), self.k)
+        return self._dense_codes(self.pre_acts(x))
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.W_dec + self.b_pre
@@ -138,7 +142,7 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
     def _forward_dense(self, x: torch.Tensor) -> ForwardOutput:
         dead_l = self.dead_latents()
         pre_nl = self.pre_acts(x)
-        codes = topk_codes(pre_nl, self.k)
+        codes = self._dense_codes(pre_nl)
         x_hat = self._decode(codes)
         recon = normalized_mse(x_hat, x)
         aux = self._auxk_loss(pre_nl, x, x_hat, dead_l, self.W_dec)
