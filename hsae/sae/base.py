@@ -114,18 +114,18 @@ def geometric_median(points_nd: torch.Tensor, n_iter: int = 100, eps: float = 1e
     return median.to(points_nd.dtype)
 
 
-def topk_codes(pre_nl: torch.Tensor, k: int) -> torch.Tensor:
+def topk_codes(pre_nk: torch.Tensor, k: int) -> torch.Tensor:
     """Per row: keep the ``k`` largest pre-activations, ReLU them, zero the rest."""
-    top = pre_nl.topk(min(k, pre_nl.shape[-1]), dim=-1, sorted=False)
-    return torch.zeros_like(pre_nl).scatter_(-1, top.indices, top.values.relu())
+    top = pre_nk.topk(min(k, pre_nk.shape[-1]), dim=-1, sorted=False)
+    return torch.zeros_like(pre_nk).scatter_(-1, top.indices, top.values.relu())
 
 
-def batch_topk_codes(pre_nl: torch.Tensor, k: int) -> torch.Tensor:
+def batch_topk_codes(pre_nk: torch.Tensor, k: int) -> torch.Tensor:
     """Over the whole batch: keep the ``k * n`` largest ReLU'd pre-activations, so rows share
     one budget and a hard row may take more latents than an easy one."""
-    acts = pre_nl.relu().flatten()
-    top = acts.topk(min(k * pre_nl.shape[0], acts.numel()), sorted=False)
-    return torch.zeros_like(acts).scatter_(0, top.indices, top.values).view_as(pre_nl)
+    acts = pre_nk.relu().flatten()
+    top = acts.topk(min(k * pre_nk.shape[0], acts.numel()), sorted=False)
+    return torch.zeros_like(acts).scatter_(0, top.indices, top.values).view_as(pre_nk)
 
 
 def check_positive_int(name: str, value: int, fix: str = "") -> None:
@@ -427,41 +427,41 @@ class AuxKMixin:
         return self.rows_since_fired >= self.dead_tokens_threshold
 
     @torch.no_grad()
-    def _update_fired(self, codes_nl: torch.Tensor) -> None:
-        self._mark_fired((codes_nl != 0).any(dim=0), codes_nl.shape[0])
+    def _update_fired(self, codes_nk: torch.Tensor) -> None:
+        self._mark_fired((codes_nk != 0).any(dim=0), codes_nk.shape[0])
 
     @torch.no_grad()
-    def _mark_fired(self, fired_l: torch.Tensor, n_rows: int) -> None:
+    def _mark_fired(self, fired_k: torch.Tensor, n_rows: int) -> None:
         if _GLOBAL_BATCH.get():  # fired on any rank; rows of the global batch
-            stats = torch.cat([fired_l.long(), fired_l.new_tensor([n_rows], dtype=torch.long)])
+            stats = torch.cat([fired_k.long(), fired_k.new_tensor([n_rows], dtype=torch.long)])
             dist.all_reduce(stats)
-            fired_l, n_rows = stats[:-1] > 0, int(stats[-1])
-        self.rows_since_fired.add_(n_rows).masked_fill_(fired_l, 0)
+            fired_k, n_rows = stats[:-1] > 0, int(stats[-1])
+        self.rows_since_fired.add_(n_rows).masked_fill_(fired_k, 0)
 
     @torch.no_grad()
-    def _auxk_indices(self, pre_nl: torch.Tensor, dead_l: torch.Tensor) -> torch.Tensor | None:
+    def _auxk_indices(self, pre_nk: torch.Tensor, dead_k: torch.Tensor) -> torch.Tensor | None:
         """``[n, k_aux]``: each row's largest pre-activations among the dead latents, or None
         when AuxK is off this step (nothing dead, not training, or ``aux_coeff=0``)."""
-        n_dead = int(dead_l.sum())
+        n_dead = int(dead_k.sum())
         if not self.training or n_dead == 0 or self.aux_coeff == 0:
             return None
         k_aux = min(self.k_aux or max(1, self.d_model // 2), n_dead)
-        return pre_nl.masked_fill(~dead_l, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
+        return pre_nk.masked_fill(~dead_k, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
 
     def _auxk_loss(
         self,
-        pre_nl: torch.Tensor,
+        pre_nk: torch.Tensor,
         x: torch.Tensor,
         x_hat: torch.Tensor,
-        dead_l: torch.Tensor,
+        dead_k: torch.Tensor,
         W_dec: torch.Tensor,
     ) -> torch.Tensor | None:
         """Weighted AuxK term, or None when nothing is dead (the loss is then unchanged)."""
-        indices = self._auxk_indices(pre_nl, dead_l)
+        indices = self._auxk_indices(pre_nk, dead_k)
         if indices is None:
             return None
-        aux_codes = torch.zeros_like(pre_nl).scatter_(
-            -1, indices, pre_nl.gather(-1, indices).relu()
+        aux_codes = torch.zeros_like(pre_nk).scatter_(
+            -1, indices, pre_nk.gather(-1, indices).relu()
         )
         # The residual is a target, not a path: AuxK trains only the dead latents.
         residual = (x - x_hat).detach()

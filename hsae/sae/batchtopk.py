@@ -44,8 +44,8 @@ class ThresholdMixin:
         self.register_buffer("n_threshold_updates", torch.zeros((), dtype=torch.long))  # type: ignore[attr-defined]
 
     @torch.no_grad()
-    def _update_threshold(self, codes_nl: torch.Tensor) -> None:
-        positive = codes_nl.masked_fill(codes_nl <= 0, float("inf"))
+    def _update_threshold(self, codes_nk: torch.Tensor) -> None:
+        positive = codes_nk.masked_fill(codes_nk <= 0, float("inf"))
         # Under DDP, the global batch's smallest (every rank takes part, even with none).
         smallest = global_min(positive.min()).to(self.threshold.dtype)
         if not torch.isfinite(smallest):  # nothing kept was positive
@@ -92,18 +92,18 @@ class ThresholdMixin:
     def calibrate(self, rows_nd: torch.Tensor) -> None:
         self.calibrate_threshold(rows_nd)
 
-    def _sparsify(self, pre_nl: torch.Tensor, k: int) -> torch.Tensor:
+    def _sparsify(self, pre_nk: torch.Tensor, k: int) -> torch.Tensor:
         """Batch top-k while training (updating the threshold); the threshold in eval mode.
 
         An SAE that never trained has no threshold yet; it keeps the batch top-k then, so
         it still obeys its L0 budget instead of firing every positive latent.
         """
         if self.training or self.n_threshold_updates == 0:
-            codes = batch_topk_codes(pre_nl, k)
+            codes = batch_topk_codes(pre_nk, k)
             if self.training:
                 self._update_threshold(codes)
             return codes
-        return pre_nl * (pre_nl > self.threshold.clamp_min(0))
+        return pre_nk * (pre_nk > self.threshold.clamp_min(0))
 
 
 class BatchTopKSAE(ThresholdMixin, TopKSAE):
@@ -124,15 +124,15 @@ class BatchTopKSAE(ThresholdMixin, TopKSAE):
         self.threshold_momentum = threshold_momentum
         self._init_threshold()
 
-    def _dense_codes(self, pre_nl: torch.Tensor) -> torch.Tensor:
-        return self._sparsify(pre_nl, self.k)
+    def _dense_codes(self, pre_nk: torch.Tensor) -> torch.Tensor:
+        return self._sparsify(pre_nk, self.k)
 
     def _use_sparse(self) -> bool:
         # The batch selection runs sparse; the inference threshold is a dense comparison.
         return self.sparse_kernels and (self.training or self.n_threshold_updates == 0)
 
-    def _sparse_selection(self, pre_nl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return batch_topk_indices(pre_nl, self.k)
+    def _sparse_selection(self, pre_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return batch_topk_indices(pre_nk, self.k)
 
-    def _observe_codes(self, codes_nl: torch.Tensor) -> None:
-        self._update_threshold(codes_nl)
+    def _observe_codes(self, codes_nk: torch.Tensor) -> None:
+        self._update_threshold(codes_nk)

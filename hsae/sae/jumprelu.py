@@ -135,11 +135,11 @@ class JumpReLUSAE(UnitNormDecoderMixin, SparseAutoencoder):
         return codes @ self.W_dec + self.b_pre
 
     def _forward(self, x: torch.Tensor) -> ForwardOutput:
-        pre_nl, threshold = self.pre_acts(x), self.threshold
-        codes = _JumpReLU.apply(pre_nl, threshold, self.bandwidth)
+        pre_nk, threshold = self.pre_acts(x), self.threshold
+        codes = _JumpReLU.apply(pre_nk, threshold, self.bandwidth)
         x_hat = self._decode(codes)
         recon = normalized_mse(x_hat, x)
-        l0 = _Step.apply(pre_nl, threshold, self.bandwidth).sum(dim=-1).mean()
+        l0 = _Step.apply(pre_nk, threshold, self.bandwidth).sum(dim=-1).mean()
         sparsity = self.sparsity_coeff * self.sparsity_warmup * l0
         return ForwardOutput(
             x_hat=x_hat,

@@ -91,10 +91,10 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
         if activation == "batchtopk":
             self._init_threshold()
 
-    def _select(self, pre_nl: torch.Tensor) -> torch.Tensor:
+    def _select(self, pre_nk: torch.Tensor) -> torch.Tensor:
         if self.activation == "topk":
-            return topk_codes(pre_nl, self.k)
-        return self._sparsify(pre_nl, self.k)
+            return topk_codes(pre_nk, self.k)
+        return self._sparsify(pre_nk, self.k)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._select(self.pre_acts(x))
@@ -126,18 +126,18 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
             return self.sparse_kernels
         return self.sparse_kernels and (self.training or self.n_threshold_updates == 0)
 
-    def _sparse_selection(self, pre_nl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _sparse_selection(self, pre_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.activation == "topk":
-            return super()._sparse_selection(pre_nl)
-        return batch_topk_indices(pre_nl, self.k)
+            return super()._sparse_selection(pre_nk)
+        return batch_topk_indices(pre_nk, self.k)
 
     def _sparse_reconstructions(
-        self, values_nw: torch.Tensor, indices_nw: torch.Tensor
+        self, values_na: torch.Tensor, indices_na: torch.Tensor
     ) -> list[torch.Tensor]:
         # Prefix m keeps the active latents below m: the same k decoder rows per input row,
         # masked, instead of a dense product per group.
         return [
-            sparse_decode(values_nw * (indices_nw < end), indices_nw, self.W_dec) + self.b_pre
+            sparse_decode(values_na * (indices_na < end), indices_na, self.W_dec) + self.b_pre
             for end in self.prefix_ends()
         ]
 
@@ -145,18 +145,18 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
         if self.activation == "batchtopk":  # TopK inside needs no threshold
             self.calibrate_threshold(rows_nd)
 
-    def _observe_codes(self, codes_nl: torch.Tensor) -> None:
+    def _observe_codes(self, codes_nk: torch.Tensor) -> None:
         if self.activation == "batchtopk":
-            self._update_threshold(codes_nl)
+            self._update_threshold(codes_nk)
 
     def _forward_dense(self, x: torch.Tensor) -> ForwardOutput:
-        dead_l = self.dead_latents()
-        pre_nl = self.pre_acts(x)
-        codes = self._select(pre_nl)
+        dead_k = self.dead_latents()
+        pre_nk = self.pre_acts(x)
+        codes = self._select(pre_nk)
         recons = self.reconstruct_prefixes(codes, self.prefix_ends())
         x_hat = recons[-1]
         prefix_loss = torch.stack([normalized_mse(r, x) for r in recons]).mean()
-        aux = self._auxk_loss(pre_nl, x, x_hat, dead_l, self.W_dec)
+        aux = self._auxk_loss(pre_nk, x, x_hat, dead_k, self.W_dec)
         if self.training:
             self._update_fired(codes)
         loss = prefix_loss if aux is None else prefix_loss + aux

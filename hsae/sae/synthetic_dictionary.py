@@ -148,10 +148,10 @@ def make_synthetic_dictionary(
 
 @torch.no_grad()
 def recovery_scores(
-    decoder_rows_ld: torch.Tensor, dictionary: SyntheticDictionary
+    decoder_rows_kd: torch.Tensor, dictionary: SyntheticDictionary
 ) -> dict[str, float]:
     """Mean over each kind of true feature of its largest cosine to a decoder row."""
-    rows = decoder_rows_ld.detach().float()
+    rows = decoder_rows_kd.detach().float()
     rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     best_f = (dictionary.directions_fd @ rows.T).max(dim=-1).values
     return {

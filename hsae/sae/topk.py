@@ -73,9 +73,9 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         """Pre-activations of ``x`` in normalised units (``x / input_scale``)."""
         return torch.addmm(self.b_enc, x - self.b_pre, self.W_enc)
 
-    def _dense_codes(self, pre_nl: torch.Tensor) -> torch.Tensor:
+    def _dense_codes(self, pre_nk: torch.Tensor) -> torch.Tensor:
         """Codes from pre-activations (BatchTopK: its batch selection or threshold)."""
-        return topk_codes(pre_nl, self.k)
+        return topk_codes(pre_nk, self.k)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._dense_codes(self.pre_acts(x))
@@ -91,28 +91,28 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
     def _use_sparse(self) -> bool:
         return self.sparse_kernels
 
-    def _sparse_selection(self, pre_nl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[n, w]`` indices of each row's active latents, and a mask of the real entries
+    def _sparse_selection(self, pre_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[n, a]`` indices of each row's active latents, and a mask of the real entries
         when rows are padded to one width (None: all real)."""
-        return pre_nl.topk(min(self.k, self.n_latents), dim=-1, sorted=False).indices, None
+        return pre_nk.topk(min(self.k, self.n_latents), dim=-1, sorted=False).indices, None
 
     def _sparse_reconstructions(
-        self, values_nw: torch.Tensor, indices_nw: torch.Tensor
+        self, values_na: torch.Tensor, indices_na: torch.Tensor
     ) -> list[torch.Tensor]:
         """Reconstructions the loss averages over (the full one last)."""
-        return [sparse_decode(values_nw, indices_nw, self.W_dec) + self.b_pre]
+        return [sparse_decode(values_na, indices_na, self.W_dec) + self.b_pre]
 
-    def _observe_codes(self, codes_nl: torch.Tensor) -> None:
+    def _observe_codes(self, codes_nk: torch.Tensor) -> None:
         """Training-time statistics of the selected codes (BatchTopK's threshold)."""
 
     def _forward_sparse(self, x: torch.Tensor) -> ForwardOutput:
-        dead_l = self.dead_latents()
+        dead_k = self.dead_latents()
         with torch.no_grad():  # the one dense product; gradients come from gathered_pre_acts
-            pre_nl = self.pre_acts(x)
-            indices, mask = self._sparse_selection(pre_nl)
-            aux_indices = self._auxk_indices(pre_nl, dead_l)
+            pre_nk = self.pre_acts(x)
+            indices, mask = self._sparse_selection(pre_nk)
+            aux_indices = self._auxk_indices(pre_nk, dead_k)
             both = indices if aux_indices is None else torch.cat([indices, aux_indices], dim=1)
-        acts = gathered_pre_acts(x, self.b_pre, self.W_enc, self.b_enc, both, pre_nl).relu()
+        acts = gathered_pre_acts(x, self.b_pre, self.W_enc, self.b_enc, both, pre_nk).relu()
         width = indices.shape[1]
         values = acts[:, :width] if mask is None else acts[:, :width] * mask
         recons = self._sparse_reconstructions(values, indices)
@@ -129,7 +129,7 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         with torch.no_grad():
             # The pre-activations are spent (gathered): their memory takes the codes. And
             # scatter_add, as padding entries (index 0, value 0) must not overwrite latent 0.
-            codes = pre_nl.zero_().scatter_add_(-1, indices, values.to(pre_nl.dtype))
+            codes = pre_nk.zero_().scatter_add_(-1, indices, values.to(pre_nk.dtype))
             if self.training:
                 # Static shapes (no boolean indexing), so torch.compile keeps one graph.
                 hits = torch.zeros(self.n_latents, dtype=torch.int32, device=x.device)
@@ -140,12 +140,12 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         return ForwardOutput(x_hat=x_hat, codes=codes, loss=loss, recon_loss=recon, aux_loss=aux)
 
     def _forward_dense(self, x: torch.Tensor) -> ForwardOutput:
-        dead_l = self.dead_latents()
-        pre_nl = self.pre_acts(x)
-        codes = self._dense_codes(pre_nl)
+        dead_k = self.dead_latents()
+        pre_nk = self.pre_acts(x)
+        codes = self._dense_codes(pre_nk)
         x_hat = self._decode(codes)
         recon = normalized_mse(x_hat, x)
-        aux = self._auxk_loss(pre_nl, x, x_hat, dead_l, self.W_dec)
+        aux = self._auxk_loss(pre_nk, x, x_hat, dead_k, self.W_dec)
         if self.training:
             self._update_fired(codes)
         loss = recon if aux is None else recon + aux

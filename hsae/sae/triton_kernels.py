@@ -1,11 +1,11 @@
 """Triton versions of ``hsae.sae.sparse.row_dots`` and ``scatter_rows``: the two sparse
 products in the backward pass of a TopK SAE step, with the same signatures and results.
 
-- ``row_dots_triton(rows_nd, indices_nk, table_ld)`` -> ``[n, k]``: ``out[n, j] = <rows[n],
+- ``row_dots_triton(rows_nd, indices_na, table_kd)`` -> ``[n, a]``: ``out[n, j] = <rows[n],
   table[indices[n, j]]>`` (the gradient of a sparse decode's values). One program per (row,
   block of ``k``) gathers its table rows by index a block of ``d`` at a time and
   accumulates the dot products in float32.
-- ``scatter_rows_triton(values_nk, indices_nk, rows_nd, n_out)`` -> ``[n_out, d]``:
+- ``scatter_rows_triton(values_na, indices_na, rows_nd, n_out)`` -> ``[n_out, d]``:
   ``out[l] = sum over indices[n, j] = l of values[n, j] * rows[n]`` (a weight gradient).
   The flat indices are sorted (stably) on the device, which groups each output row's
   contributions into one segment; one program per (output row, block of ``d``) walks its
@@ -177,39 +177,39 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _check_shapes(indices_nk: torch.Tensor, rows_nd: torch.Tensor, other: str) -> None:
-    if indices_nk.dim() != 2 or rows_nd.dim() != 2 or indices_nk.shape[0] != rows_nd.shape[0]:
+def _check_shapes(indices_na: torch.Tensor, rows_nd: torch.Tensor, other: str) -> None:
+    if indices_na.dim() != 2 or rows_nd.dim() != 2 or indices_na.shape[0] != rows_nd.shape[0]:
         raise ValueError(
-            f"indices [n, k] and rows [n, d] expected, got {tuple(indices_nk.shape)} and "
+            f"indices [n, a] and rows [n, d] expected, got {tuple(indices_na.shape)} and "
             f"{tuple(rows_nd.shape)} ({other})"
         )
-    if indices_nk.dtype.is_floating_point or indices_nk.dtype.is_complex:
-        raise TypeError(f"indices must be integers, got {indices_nk.dtype}")
+    if indices_na.dtype.is_floating_point or indices_na.dtype.is_complex:
+        raise TypeError(f"indices must be integers, got {indices_na.dtype}")
 
 
 def row_dots_triton(
     rows_nd: torch.Tensor,
-    indices_nk: torch.Tensor,
-    table_ld: torch.Tensor,
+    indices_na: torch.Tensor,
+    table_kd: torch.Tensor,
     *,
     block_k: int | None = None,
     block_d: int | None = None,
 ) -> torch.Tensor:
     """``out[n, j] = <rows[n], table[indices[n, j]]>`` as ``hsae.sae.sparse.row_dots``:
-    ``[n, k]`` in ``table_ld``'s dtype, summed in float32 (float64 for float64 inputs).
-    Indices must lie in ``[0, len(table_ld))``; one outside gives 0 instead of an error.
+    ``[n, a]`` in ``table_kd``'s dtype, summed in float32 (float64 for float64 inputs).
+    Indices must lie in ``[0, len(table_kd))``; one outside gives 0 instead of an error.
     ``block_k`` / ``block_d`` (powers of two) override the block sizes, for tests."""
     _require_triton()
-    _check_shapes(indices_nk, rows_nd, f"table {tuple(table_ld.shape)}")
-    n, k = indices_nk.shape
+    _check_shapes(indices_na, rows_nd, f"table {tuple(table_kd.shape)}")
+    n, k = indices_na.shape
     d = rows_nd.shape[1]
-    if table_ld.dim() != 2 or table_ld.shape[1] != d:
-        raise ValueError(f"table [l, {d}] expected, got {tuple(table_ld.shape)}")
-    acc = _accumulator(rows_nd, table_ld)
+    if table_kd.dim() != 2 or table_kd.shape[1] != d:
+        raise ValueError(f"table [l, {d}] expected, got {tuple(table_kd.shape)}")
+    acc = _accumulator(rows_nd, table_kd)
     bk = _block(block_k, ROW_DOTS_BLOCK_K, k, "block_k")
     bd = _block(block_d, BLOCK_D, d, "block_d")
-    device = _device_of(rows_nd, indices_nk, table_ld)
-    out = torch.empty(n, k, dtype=table_ld.dtype, device=device)
+    device = _device_of(rows_nd, indices_na, table_kd)
+    out = torch.empty(n, k, dtype=table_kd.dtype, device=device)
     if n == 0 or k == 0:
         return out
     if d == 0:
@@ -217,12 +217,12 @@ def row_dots_triton(
     with _on(device):
         _row_dots_kernel[(n, triton.cdiv(k, bk))](
             rows_nd.contiguous(),
-            indices_nk.to(torch.int64).contiguous(),
-            table_ld.contiguous(),
+            indices_na.to(torch.int64).contiguous(),
+            table_kd.contiguous(),
             out,
             k,
             d,
-            table_ld.shape[0],
+            table_kd.shape[0],
             ACC=_tl_dtype(acc),
             BLOCK_K=bk,
             BLOCK_D=bd,
@@ -231,8 +231,8 @@ def row_dots_triton(
 
 
 def scatter_rows_triton(
-    values_nk: torch.Tensor,
-    indices_nk: torch.Tensor,
+    values_na: torch.Tensor,
+    indices_na: torch.Tensor,
     rows_nd: torch.Tensor,
     n_out: int,
     *,
@@ -245,26 +245,26 @@ def scatter_rows_triton(
     are skipped, and so are indices outside ``[0, n_out)`` (the torch helper raises on
     those). ``block_p`` / ``block_d`` (powers of two) override the block sizes, for tests."""
     _require_triton()
-    _check_shapes(indices_nk, rows_nd, f"values {tuple(values_nk.shape)}")
-    if values_nk.shape != indices_nk.shape:
+    _check_shapes(indices_na, rows_nd, f"values {tuple(values_na.shape)}")
+    if values_na.shape != indices_na.shape:
         raise ValueError(
-            f"values and indices must have one shape, got {tuple(values_nk.shape)} and "
-            f"{tuple(indices_nk.shape)}"
+            f"values and indices must have one shape, got {tuple(values_na.shape)} and "
+            f"{tuple(indices_na.shape)}"
         )
-    n, k = indices_nk.shape
+    n, k = indices_na.shape
     d = rows_nd.shape[1]
-    acc = _accumulator(values_nk, rows_nd)
+    acc = _accumulator(values_na, rows_nd)
     bp = _block(block_p, SCATTER_BLOCK_P, n * k, "block_p")
     bd = _block(block_d, BLOCK_D, d, "block_d")
-    device = _device_of(values_nk, indices_nk, rows_nd)
+    device = _device_of(values_na, indices_na, rows_nd)
     # No zero fill: the kernel writes every output row, zero where its segment is empty.
     out = torch.empty(n_out, d, dtype=acc, device=device)
     if n_out == 0 or d == 0:
         return out
-    values = values_nk.contiguous().view(-1)
+    values = values_na.contiguous().view(-1)
     # Zero-valued entries add nothing; sending them past the last segment keeps BatchTopK's
     # padding (all at index 0) from piling into one long serial segment for latent 0.
-    flat = torch.where(values == 0, n_out, indices_nk.to(torch.int64).reshape(-1))
+    flat = torch.where(values == 0, n_out, indices_na.to(torch.int64).reshape(-1))
     # Stable, so each segment is in the entries' own order on every run: a fixed order of
     # summation, hence bitwise-reproducible sums.
     sorted_flat, order = torch.sort(flat, stable=True)
