@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from hsae import evaluation
 from hsae.backbones import POOLED_TOKEN
 from hsae.cache import ActivationCache, resolve_device
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 from hsae.metrics import interp
 from hsae.metrics.sae import max_decoder_cosine
 from hsae.sae.topk import TopKSAE

@@ -49,7 +49,7 @@ from hsae.backbones import POOLED_TOKEN, Backbone
 from hsae.data.activations import ActivationArray
 from hsae.data.common import ImageError
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 from hsae.rundir import sha256_file, write_atomic, write_json
 
 log = logging.getLogger(__name__)

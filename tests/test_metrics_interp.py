@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from hsae.data.synthetic import HIERARCHY
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 from hsae.metrics.interp import (
     MoranAccumulator,
     absorption,

@@ -4,7 +4,7 @@ import torch
 
 from hsae.data.synthetic import HIERARCHY, SyntheticShapes
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 
 
 def test_deterministic_by_seed_and_split():

@@ -35,7 +35,7 @@ import numpy as np
 from hsae.browser.media import ImageLoader, PatchMaps, heatmaps, wandb_grid, write_thumbnails
 from hsae.browser.stats import LatentTable
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 
 log = logging.getLogger(__name__)
 

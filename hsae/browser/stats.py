@@ -23,7 +23,7 @@ import scipy.sparse as sp
 import torch
 
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 from hsae.metrics.interp import top_images
 
 ActsLike: TypeAlias = torch.Tensor | sp.spmatrix | sp.sparray

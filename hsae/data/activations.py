@@ -18,7 +18,7 @@ import torch
 
 from hsae.data.common import check_split, seeded_subset
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 
 FORMATS = (".npy", ".safetensors")
 LABELS_KEY = "labels"

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from hsae.data.common import check_split, seeded_subset
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 
 FOLDER = "cifar-100-python"
 FILES = {"train": "train", "val": "test"}

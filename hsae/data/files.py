@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from hsae.data.common import ImageError, check_split, seeded_subset, split_mask
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 IMAGENET_HIERARCHY = Path(__file__).parent / "imagenet_hierarchy.json"

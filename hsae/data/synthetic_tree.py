@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 VERSION = 2

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 
 OBJECTIVES = ("flat", "hier")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 from hsae.metrics.hierarchy import (
     ArrayLike,
     as_features,

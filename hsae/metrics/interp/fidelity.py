@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 from hsae.metrics.hierarchy import (
     ArrayLike,
     as_features,

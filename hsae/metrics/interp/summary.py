@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 from hsae.metrics.hierarchy import (
     ArrayLike,
 )

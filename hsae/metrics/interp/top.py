@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from hsae.errors import HsaeError
-from hsae.hierarchy import Hierarchy
+from hsae.label_tree import Hierarchy
 from hsae.metrics.hierarchy import (
     ArrayLike,
     as_features,
