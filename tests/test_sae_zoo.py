@@ -319,9 +319,12 @@ def test_non_threshold_archs_calibrate_nothing():
         before = {k: v.clone() for k, v in sae.state_dict().items()}
         sae.calibrate(data(n=8))
         assert all(torch.equal(v, sae.state_dict()[k]) for k, v in before.items()), arch
+        assert not sae.needs_calibration()
     sae = make("matryoshka")  # its TopK inside has no threshold
     sae.calibrate(data(n=8))
-    assert not hasattr(sae, "threshold")
+    assert not hasattr(sae, "threshold") and not sae.needs_calibration()
+    assert make("batchtopk").needs_calibration()
+    assert make("matryoshka", activation="batchtopk").needs_calibration()
 
 
 def test_batchtopk_without_threshold_falls_back_to_batch_topk():

@@ -226,6 +226,10 @@ class SparseAutoencoder(nn.Module, ABC):
         None where sparsity comes from a penalty; reported beside the measured L0."""
         return None
 
+    def needs_calibration(self) -> bool:
+        """Whether ``calibrate`` sets anything (the trainer samples rows only then)."""
+        return False
+
     def calibrate(self, rows_nd: torch.Tensor) -> None:
         """Set inference-time statistics from training rows (input units); the trainer
         calls it at the end of each epoch, before validation and the checkpoint. Only

@@ -89,6 +89,9 @@ class ThresholdMixin:
         self.n_threshold_updates.clamp_(min=1)
         return value
 
+    def needs_calibration(self) -> bool:
+        return True
+
     def calibrate(self, rows_nd: torch.Tensor) -> None:
         self.calibrate_threshold(rows_nd)
 

@@ -141,8 +141,11 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
             for end in self.prefix_ends()
         ]
 
+    def needs_calibration(self) -> bool:
+        return self.activation == "batchtopk"  # TopK inside needs no threshold
+
     def calibrate(self, rows_nd: torch.Tensor) -> None:
-        if self.activation == "batchtopk":  # TopK inside needs no threshold
+        if self.needs_calibration():
             self.calibrate_threshold(rows_nd)
 
     def _observe_codes(self, codes_nk: torch.Tensor) -> None:

@@ -188,12 +188,13 @@ class SAEModule(L.LightningModule):
         trainer = self.trainer
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
+        saes = [sae for sae in self.saes if sae.needs_calibration()]
         datamodule = getattr(trainer, "datamodule", None)
-        if not isinstance(datamodule, CacheDataModule):  # plain dataloaders: no row sample
+        if not saes or not isinstance(datamodule, CacheDataModule):  # plain loaders: no sample
             return
         # The same seeded rows on every rank and at every epoch: DDP ranks agree exactly.
         rows = datamodule.sample(CALIBRATION_ROWS, seed=self.hparams.seed or 0).to(self.device)
-        for sae in self.saes:
+        for sae in saes:
             sae.calibrate(rows)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
