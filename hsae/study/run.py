@@ -238,6 +238,7 @@ def _step3_metrics(
     from hsae.evaluation import (
         automatic_names,
         control_metrics,
+        evaluate_run,
         image_pass,
         interpretability,
         read_run_cfg,
@@ -251,6 +252,8 @@ def _step3_metrics(
     images = image_pass(sae, cache, study.eval_batch_size, dev)
     one_row = cache.manifest["tokens_per_image"] == 1
     seed = cfg.get("seed", 0)
+    # The MS reference evaluate.py uses by default, the same for every backbone compared.
+    reference = inspect.signature(evaluate_run).parameters["reference"].default
     halves = []
     for idx in half_indices(len(images.image_ids), study.n_image_halves, study.boot_seed):
         sub = replace(
@@ -260,7 +263,7 @@ def _step3_metrics(
             recon_id=images.recon_id[idx],
             image_ids=images.image_ids[idx],
         )
-        metrics, _ = interpretability(sae, cache, sub, cfg, "val", "pixels", study.n_top, seed)
+        metrics, _ = interpretability(sae, cache, sub, cfg, "val", reference, study.n_top, seed)
         if one_row:  # rows are images: the SAE's own metrics on the half, exactly
             x, x_hat = sub.feats_id.float(), sub.recon_id.float()
             with torch.no_grad():
