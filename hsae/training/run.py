@@ -46,7 +46,12 @@ SPLITS = ("train", "val")
 
 
 def build_caches(cfg: RunConfig) -> dict[str, Path]:
-    """Build (or reuse) the train and val activation caches; returns their folders.
+    """The folders of ``open_caches``' caches."""
+    return {split: cache.path for split, cache in open_caches(cfg).items()}
+
+
+def open_caches(cfg: RunConfig) -> dict[str, ActivationCache]:
+    """Build (or reuse) the train and val activation caches; returns them opened.
 
     With ``dataset=activations`` the rows come from the user's array file: no backbone is
     loaded, and ``backbone.d_model`` must match the array's width.
@@ -61,13 +66,13 @@ def build_caches(cfg: RunConfig) -> dict[str, Path]:
                     f"dataset.path has rows of width {dataset.d_model} but backbone.d_model="
                     f"{cfg.backbone.d_model}; set backbone.d_model={dataset.d_model}"
                 )
-            caches[split] = get_or_build(cfg.cache.dir, None, None, dataset, request).path
+            caches[split] = get_or_build(cfg.cache.dir, None, None, dataset, request)
         return caches
     backbone = make_backbone(cfg.backbone)
     return {
         split: get_or_build(
             cfg.cache.dir, backbone, asdict(cfg.backbone), make_dataset(cfg.dataset, split), request
-        ).path
+        )
         for split in SPLITS
     }
 
@@ -315,7 +320,8 @@ def train(
             return done if is_bank else done[0]  # type: ignore[return-value]
     if is_bank:
         _check_resumable_bank(run_dir, resolved, members)
-    caches = build_caches(cfg)
+    opened = open_caches(cfg)  # opened once: the job reads their sizes and labels too
+    caches = {split: cache.path for split, cache in opened.items()}
     # Seed after caching: building a cache draws from the global RNG, and a run must start
     # the same whether its caches were built now or reused.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -331,7 +337,7 @@ def train(
     )
     # Every member is built from the same seed (see SAEModule), so a bank member starts
     # where a single run of its config starts.
-    rows_per_epoch = _rows_per_epoch(ActivationCache.open(caches["train"]).n_rows, cfg)
+    rows_per_epoch = _rows_per_epoch(opened["train"].n_rows, cfg)
     specs = [
         {"name": m.name, "sae": _sae_spec(m.sae, cfg.backbone.d_model, rows_per_epoch), "lr": m.lr}
         for m in members
@@ -360,7 +366,7 @@ def train(
 
     tags = [cfg.backbone.name, f"layer{cfg.backbone.layer}", cfg.sae.arch, cfg.dataset.name]
     job_name, name = name, name or run_name(cfg)
-    val_cache = ActivationCache.open(caches["val"])
+    val_cache = opened["val"]
     report = LatentReport(
         _image_loader(cfg, "val"), list(val_cache.hierarchy.class_names[-1]), seed=cfg.seed
     )
