@@ -142,9 +142,15 @@ def write_atomic(path: str | Path, data: bytes | str | Callable[[Any], Any]) -> 
     return writer.digest.hexdigest()
 
 
-def write_json(path: str | Path, obj: Any, trailing_newline: bool = True) -> None:
-    """``obj`` as indented JSON, atomically."""
-    write_atomic(path, json.dumps(obj, indent=2) + ("\n" if trailing_newline else ""))
+def write_json(
+    path: str | Path,
+    obj: Any,
+    trailing_newline: bool = True,
+    default: Callable[[Any], Any] | None = None,
+) -> None:
+    """``obj`` as indented JSON, atomically (``default``: as ``json.dumps``')."""
+    text = json.dumps(obj, indent=2, default=default)
+    write_atomic(path, text + ("\n" if trailing_newline else ""))
 
 
 def sha256_file(path: str | Path, block: int = 1 << 24) -> str:

@@ -19,6 +19,7 @@ import torch
 from hsae.data.common import check_split, seeded_subset
 from hsae.errors import HsaeError
 from hsae.label_tree import Hierarchy
+from hsae.rundir import sha256_file
 
 FORMATS = (".npy", ".safetensors")
 LABELS_KEY = "labels"
@@ -26,11 +27,7 @@ _BLOCK = 4096  # rows per contiguous read from a .safetensors file
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return sha256_file(path)[:16]  # short: it names the file in a cache key
 
 
 def _open_rows(path: Path, key: str | None):

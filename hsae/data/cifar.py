@@ -8,7 +8,6 @@ torchvision's class drops the coarse labels. The val split is CIFAR's test set.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch.utils.data import Dataset
 from hsae.data.common import check_split, seeded_subset
 from hsae.errors import HsaeError
 from hsae.label_tree import Hierarchy
+from hsae.rundir import sha256_file
 
 FOLDER = "cifar-100-python"
 FILES = {"train": "train", "val": "test"}
@@ -31,11 +31,7 @@ def _unpickle(path: Path) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return sha256_file(path)[:16]  # short: it names the file in a cache key
 
 
 def _hierarchy(folder: Path) -> Hierarchy:

@@ -16,7 +16,6 @@ Stages, each reusing what a previous run finished (and never a stale artifact):
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -31,6 +30,7 @@ from omegaconf import DictConfig
 
 from hsae.config import BackboneConfig, CacheConfig, DatasetConfig, RunConfig, to_objects
 from hsae.errors import HsaeError
+from hsae.rundir import BANK_DIR, RunDir, sha256_file, write_json
 from hsae.study import plan as plan_mod
 from hsae.study.compare import compare_study, metric_value
 from hsae.study.config import StudyConfig
@@ -42,9 +42,7 @@ RESULTS = "results.json"
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
+    write_json(path, obj, default=_json_default)
 
 
 def _json_default(obj: Any) -> Any:
@@ -206,10 +204,6 @@ def step1(
 # ---- stage 3: step 3 -----------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class BackboneCache:
     """The backbone of the unit being evaluated, built once for all of its SAEs (control and
     names run it; building it can cost as much as using it)."""
@@ -305,8 +299,8 @@ def step3(
         "n_image_halves": study.n_image_halves,
         "boot_seed": study.boot_seed,
     }
-    sha = _sha256(run_dir / "sae.safetensors")
-    if path.exists() and (run_dir / "eval.json").exists():
+    sha = sha256_file(RunDir(run_dir).weights)
+    if path.exists() and RunDir(run_dir).eval.exists():
         record = json.loads(path.read_text())
         if record.get("settings") == settings and record.get("sae_sha256") == sha:
             return record
@@ -420,8 +414,8 @@ def run_study(cfg_dict: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     n_trained = 0
     for i, job in enumerate(jobs, 1):
         start = time.perf_counter()
-        done_before = (job.run_dir / "bank.json").exists() and all(
-            (d / "metrics.json").exists() for d in (job.run_dir / "bank").glob("*")
+        done_before = RunDir(job.run_dir).bank.exists() and all(
+            RunDir(d).metrics.exists() for d in (job.run_dir / BANK_DIR).glob("*")
         )
         result = train(
             job.cfg,

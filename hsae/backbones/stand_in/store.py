@@ -32,6 +32,7 @@ from hsae.backbones.stand_in.models import StandIn, make_stand_in
 from hsae.backbones.stand_in.train import Recipe, train_stand_in
 from hsae.data.synthetic_tree import HIERARCHY
 from hsae.errors import HsaeError
+from hsae.rundir import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,6 @@ def store_path(arch: str, objective: str, seed: int, recipe: Recipe) -> Path:
     return stand_in_root() / f"{arch}-{objective}-s{seed}-{digest}"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def check_entry(path: Path, key: dict[str, Any]) -> dict[str, Any]:
     """The entry's train_config; raises if anything in the folder is missing or off."""
     fix = f"delete {path} to retrain it"
@@ -81,7 +78,7 @@ def check_entry(path: Path, key: dict[str, Any]) -> dict[str, Any]:
             f"stand-in store entry {path} was trained with {config.get('key')}, not {key} "
             f"(stale or a hash collision); {fix}"
         )
-    if _sha256(path / WEIGHTS) != config.get("weights_sha256"):
+    if sha256_file(path / WEIGHTS) != config.get("weights_sha256"):
         raise HsaeError(
             f"stand-in store entry {path}: {WEIGHTS} does not match its recorded checksum; {fix}"
         )
@@ -112,7 +109,7 @@ def ensure_stand_in(
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
             config = {
                 "key": key,
-                "weights_sha256": _sha256(tmp / WEIGHTS),
+                "weights_sha256": sha256_file(tmp / WEIGHTS),
                 "torch": torch.__version__,
                 "hierarchy": HIERARCHY.to_dict(),
             }
