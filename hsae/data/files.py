@@ -17,7 +17,6 @@ Images are decoded with PIL when read. An unreadable file is returned as an ``Im
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hsae.data.common import ImageError, check_split, seeded_subset, split_mask
+from hsae.data.hierarcaps import load_hierarcaps
 from hsae.errors import HsaeError
 from hsae.label_tree import Hierarchy
 
@@ -360,11 +360,10 @@ def make_hierarcaps(
     names = [f.relative_to(root).as_posix() for f in files]
     csv_path = root.parent / HIERARCAPS_CSV
     if csv_path.is_file():
-        with open(csv_path, newline="") as f:
-            chains = {
-                row["image_url"].rsplit("/", 1)[-1]: row["captions"].split(" => ")
-                for row in csv.DictReader(f)
-            }
+        data = load_hierarcaps(csv_path, root, check_images=False)
+        chains = {
+            p.name: list(chain) for p, chain in zip(data.image_paths, data.chains, strict=True)
+        }
         concepts = [chains[n][0] if n in chains else "(no caption)" for n in names]
     else:
         chains, concepts = {}, ["image"] * len(files)
