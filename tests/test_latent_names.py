@@ -258,7 +258,10 @@ def test_names_are_skipped_with_a_reason(tiny_run, tmp_path, monkeypatch):
     def skipped() -> dict:
         record = json.loads((run_dir / "eval.json").read_text())
         assert "latents" not in record
-        assert not any(k.startswith("interp/name") for k in record["metrics"])
+        # Undefined is not zero: every name metric is present as NaN (null in the JSON),
+        # and the reason is under skipped.
+        names = {k: v for k, v in record["metrics"].items() if k.startswith("interp/name")}
+        assert names and all(v is None or math.isnan(v) for v in names.values()), names
         return record["skipped"]
 
     # A backbone without a text tower (say a timm ViT).
