@@ -79,6 +79,10 @@ class StudyConfig:
     # Each SAE's own W&B runs (train, eval); off by default: a study trains dozens of SAEs and
     # each offline W&B run costs seconds. The study's compare run is logged either way.
     log_runs: bool = False
+    # Torch threads for steps 1-3 (small tensors: one thread is as fast on an idle 2-core CPU
+    # and 5-10x faster on a shared one, where threads wait for each other); the stand-ins
+    # train with torch's default. null: torch's default throughout.
+    threads: Optional[int] = 1  # noqa: UP045
     # Joint image-text hierarchy metrics (step 1 on this dataset config, e.g. hierarcaps) for
     # backbones with a text tower: what differs for a pair with identical image towers.
     joint_dataset: Optional[str] = None  # noqa: UP045

@@ -358,8 +358,6 @@ def _sae_record(
 
 def run_study(cfg_dict: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run (or finish) the study configured in ``cfg_dict.study``; returns ``results.json``."""
-    from hsae.training.run import train
-
     out_dir = Path(out_dir).resolve()
     cfg: RunConfig = to_objects(cfg_dict, RunConfig)
     study = cfg.study
@@ -393,6 +391,32 @@ def run_study(cfg_dict: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
     stand_ins = ensure_stand_ins(units)
     timer.lap("stand_ins")
+    if study.threads is not None:
+        import torch
+
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(study.threads)
+    try:
+        return _steps(cfg_dict, cfg, study, units, jobs, dataset, stand_ins, timer, out_dir, n_saes)
+    finally:
+        if study.threads is not None:
+            torch.set_num_threads(threads_before)
+
+
+def _steps(
+    cfg_dict: DictConfig,
+    cfg: RunConfig,
+    study: StudyConfig,
+    units: list[plan_mod.Unit],
+    jobs: list[plan_mod.Job],
+    dataset: dict,
+    stand_ins: dict,
+    timer: Timer,
+    out_dir: Path,
+    n_saes: int,
+) -> dict[str, Any]:
+    """Steps 1 to 3, the comparison and the report (after the stand-ins)."""
+    from hsae.training.run import train
 
     device = cfg.cache.device
     step1_records = {}
