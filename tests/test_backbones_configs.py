@@ -39,6 +39,7 @@ EXPECTED = {
     "deit_s": (12, 197),
     "stand_in_flat": (2, 17),  # conv-stem ViT: 4x4 tokens + CLS at 32 px
     "stand_in_hier": (2, 17),
+    "stand_in_cast": (4, 5),  # small CAST, 4 stages; stage-4 block: 4 segment tokens + CLS
 }
 
 
