@@ -41,7 +41,7 @@ from hsae.backbones import POOLED_TOKEN
 from hsae.cache import ActivationCache, resolve_device
 from hsae.label_tree import Hierarchy
 from hsae.metrics import interp
-from hsae.metrics.sae import max_decoder_cosine
+from hsae.sae.metrics import max_decoder_cosine
 from hsae.sae.topk import TopKSAE
 
 LEVEL_NAMES = ("coarse", "mid", "fine")

@@ -160,8 +160,8 @@ def test_top_image_grids_hold_the_source_images(single_run):
     from hsae.cache import ActivationCache
     from hsae.config import DatasetConfig
     from hsae.data import make_dataset
-    from hsae.latents import collect_latent_stats
     from hsae.sae import load_sae
+    from hsae.training.latents import collect_latent_stats
 
     run_cfg = json.loads((single_run / "cfg.json").read_text())
     val = make_dataset(DatasetConfig(**run_cfg["dataset"]), "val")
