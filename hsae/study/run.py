@@ -20,6 +20,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -92,6 +93,39 @@ class Timer:
 # ---- stage 0: stand-ins --------------------------------------------------------------
 
 
+def _train_one(bb: dict[str, Any]) -> None:
+    """One stand-in in a worker process: one thread, since the workers share the cores."""
+    import torch
+
+    from hsae.backbones.stand_in import ensure_stand_in
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
+    ensure_stand_in(bb["model_name"], bb["pretrained"], bb["init_seed"], bb.get("recipe"))
+
+
+def _train_missing(networks: dict[str, dict[str, Any]]) -> None:
+    """Train the stand-ins not yet in the store side by side, one per core (joblib's
+    process pool): each trains on one thread, so n cores train n at once, about n times
+    sooner than one after another. The store's file lock keeps concurrent studies safe."""
+    from joblib import Parallel, delayed
+
+    from hsae.backbones.stand_in.store import Recipe, store_path
+
+    missing = [
+        bb
+        for bb in networks.values()
+        if not store_path(
+            bb["model_name"], bb["pretrained"], bb["init_seed"], Recipe.from_dict(bb.get("recipe"))
+        ).exists()
+    ]
+    n_jobs = min(len(missing), os.cpu_count() or 1)
+    if n_jobs < 2:
+        return  # none missing, or one core: ensure_stand_in trains in this process
+    log.info("study [stand-ins] training %d missing stand-ins, %d at a time", len(missing), n_jobs)
+    Parallel(n_jobs=n_jobs)(delayed(_train_one)(bb) for bb in missing)
+
+
 def ensure_stand_ins(units: list[plan_mod.Unit]) -> dict[str, dict[str, Any]]:
     """Train (or find) every stand-in the study uses; returns each network's store folder
     and held-out metrics (accuracy per level, CPCC)."""
@@ -100,6 +134,7 @@ def ensure_stand_ins(units: list[plan_mod.Unit]) -> dict[str, dict[str, Any]]:
         return {}
     from hsae.backbones.stand_in import ensure_stand_in
 
+    _train_missing(networks)
     out = {}
     for i, (network, bb) in enumerate(sorted(networks.items()), 1):
         start = time.perf_counter()
