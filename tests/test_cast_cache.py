@@ -90,3 +90,32 @@ def test_segments_need_a_segment_backbone(tmp_path):
     spec = {"loader": "open_clip", "model_name": "hsae-tiny-vit", "pretrained": None}
     with pytest.raises(HsaeError, match="tokens=segments"):
         get_or_build(tmp_path, backbone, spec, data, CacheRequest(layer=1, tokens="segments"))
+
+
+def test_step3_image_pass_on_segment_tokens(tmp_path, tiny):
+    """Step 3 on a ragged cache: each image's code is the maximum over its own segments and
+    its features the mean of its own rows, however many segments it has."""
+    from hsae.evaluation.inputs import image_features, image_pass
+    from hsae.sae import TopKSAE
+
+    data = SyntheticShapes(7, image_size=64, seed=5)
+    req = CacheRequest(layer=0, tokens="segments", dtype="float32", shard_rows=64, batch_size=3)
+    cache = get_or_build(tmp_path, tiny, CFG, data, req)
+    rows = np.arange(cache.n_rows)
+    image_r = cache.row_image(rows)
+    assert len(set(np.bincount(image_r).tolist())) > 1  # a different count per image
+    sae = TopKSAE(d_model=cache.d_model, n_latents=32, k=4).eval()
+    # A batch smaller than one image's rows still takes whole images, one at a time.
+    for batch_size in (5, 10_000):
+        got = image_pass(sae, cache, batch_size=batch_size, device=torch.device("cpu"))
+        x = cache.read(rows)
+        codes = sae(x).codes
+        for i in range(7):
+            own = torch.as_tensor(image_r == i)
+            torch.testing.assert_close(got.acts_ik[i], codes[own].amax(dim=0))
+            torch.testing.assert_close(got.feats_id[i], x[own].mean(dim=0))
+        assert got.image_ids.tolist() == list(range(7))
+        assert got.moran_k is None
+    feats, image_ids = image_features(cache)
+    torch.testing.assert_close(feats, got.feats_id)
+    assert image_ids.tolist() == list(range(7))

@@ -37,6 +37,14 @@ def test_smoke_study_end_to_end_and_rerun_reuses(compose, tmp_path, monkeypatch)
     report = out / "report.md"
     assert report_numbers_match(report, out / RESULTS) == []
     assert "## Verdict" in report.read_text()
+    # The feature browser: one page per kind and the side-by-side page, linked from the report.
+    browser = first["browser"]
+    assert (out / browser["index"]).is_file()
+    for label, run_dir in browser["saes"].items():
+        assert (out / "browser" / label / "index.html").is_file()
+        assert f"({browser['index']})" in report.read_text()
+        rec = next(s for s in first["saes"] if s["run_dir"] == run_dir)
+        assert (rec["kind"], rec["k"]) == (label, browser["k"])
     compare_runs = list((out / "wandb").glob("offline-run-*"))
     assert compare_runs, "no W&B compare run"
     wandb_files = list(compare_runs[0].glob("*.wandb"))

@@ -96,6 +96,65 @@ def patch_grid(cache: ActivationCache) -> tuple[int, int] | None:
     return (side, side) if is_patch and side * side == len(token_index) and contiguous else None
 
 
+def ragged_images(cache: ActivationCache) -> tuple[np.ndarray, np.ndarray]:
+    """``(first row, end row)`` of each image of a ragged cache (``tokens=segments``: a
+    different number of rows per image, each image's rows contiguous)."""
+    image_r = cache.row_image(np.arange(cache.n_rows))
+    starts = np.flatnonzero(np.r_[True, image_r[1:] != image_r[:-1]])
+    return starts, np.r_[starts[1:], cache.n_rows]
+
+
+def image_features(cache: ActivationCache) -> tuple[torch.Tensor, np.ndarray]:
+    """Each image's mean row ``[images, d]`` and its dataset index, fixed or ragged."""
+    tokens_per_image = cache.manifest["tokens_per_image"]
+    rows_rd = cache.load_all()
+    if tokens_per_image:
+        feats = rows_rd.view(-1, tokens_per_image, cache.d_model).mean(dim=1)
+        return feats, cache.row_image(np.arange(0, cache.n_rows, tokens_per_image))
+    starts, ends = ragged_images(cache)
+    image_r = torch.as_tensor(np.repeat(np.arange(len(starts)), ends - starts))
+    feats = torch.zeros(len(starts), cache.d_model).index_add_(0, image_r, rows_rd.float())
+    return feats / torch.as_tensor(ends - starts).unsqueeze(1), cache.row_image(starts)
+
+
+@torch.no_grad()
+def _ragged_image_pass(
+    sae: torch.nn.Module, cache: ActivationCache, batch_size: int, device: torch.device
+) -> ImagePass:
+    """``image_pass`` for a ragged cache: batches of whole images, each image's maximum
+    code and mean input/reconstruction by scatter over its rows."""
+    starts, ends = ragged_images(cache)
+    metrics = make_sae_metrics(sae.d_model, sae.n_latents).to(device)
+    n_images = len(starts)
+    acts = torch.empty(n_images, sae.n_latents)
+    feats = torch.empty(n_images, sae.d_model)
+    recons = torch.empty(n_images, sae.d_model)
+    first = 0
+    while first < n_images:  # as many whole images as fit in batch_size rows (at least one)
+        last = max(first + 1, int(np.searchsorted(ends, starts[first] + batch_size, "right")))
+        rows = np.arange(starts[first], ends[last - 1])
+        counts = torch.as_tensor(ends[first:last] - starts[first:last], device=device)
+        image_r = torch.repeat_interleave(torch.arange(last - first, device=device), counts)
+        x = cache.read(rows).to(device)
+        out = sae(x)
+        metrics.update(x, out.x_hat, out.codes)
+        for target, values_rc, reduce in ((acts, out.codes, "amax"), (feats, x, "mean"),
+                                          (recons, out.x_hat, "mean")):  # fmt: skip
+            per_image = torch.zeros(last - first, values_rc.shape[1], device=device)
+            per_image.index_reduce_(0, image_r, values_rc.float(), reduce, include_self=False)
+            target[first:last] = per_image.cpu()
+        first = last
+    return ImagePass(
+        sae_metrics={name: float(value) for name, value in metrics.compute().items()},
+        acts_ik=acts,
+        feats_id=feats,
+        recon_id=recons,
+        image_ids=cache.row_image(starts),
+        moran_k=None,
+        notes={"interp/moran_i": "needs patch-token rows (backbone.tokens=patch)"},
+    )
+
+
 @torch.no_grad()
 def image_pass(
     sae: torch.nn.Module, cache: ActivationCache, batch_size: int, device: torch.device
@@ -103,6 +162,8 @@ def image_pass(
     from hsae.metrics.interp import MoranAccumulator
 
     tokens_per_image = cache.manifest["tokens_per_image"]
+    if not tokens_per_image:  # tokens=segments: a different number of rows per image
+        return _ragged_image_pass(sae, cache, batch_size, device)
     rows_per_batch = max(1, batch_size // tokens_per_image) * tokens_per_image
     metrics = make_sae_metrics(sae.d_model, sae.n_latents).to(device)
     grid = patch_grid(cache)

@@ -11,6 +11,7 @@ import torch
 
 from hsae.cache import resolve_device
 from hsae.errors import HsaeError
+from hsae.evaluation.inputs import image_features
 from hsae.evaluation.report import HIERARCAPS_METRICS, account_for, expected_step1
 from hsae.metrics.results import skipped_of
 from hsae.rundir import write_json
@@ -46,9 +47,7 @@ def hierarchy_of_backbone(
     cache = get_or_build(
         cache_cfg.dir, backbone, asdict(backbone_cfg), make_dataset(dataset_cfg, split), request
     )
-    tokens_per_image = cache.manifest["tokens_per_image"]
-    feats = cache.load_all().view(-1, tokens_per_image, cache.d_model).mean(dim=1)
-    image_ids = cache.row_image(np.arange(0, cache.n_rows, tokens_per_image))
+    feats, image_ids = image_features(cache)
     feats = feats.to(resolve_device(device))
     metrics = hierarchy_metrics(feats, cache.labels_nl[image_ids], cache.hierarchy)
     skipped = skipped_of(metrics)

@@ -79,6 +79,10 @@ class StudyConfig:
     # Each SAE's own W&B runs (train, eval); off by default: a study trains dozens of SAEs and
     # each offline W&B run costs seconds. The study's compare run is logged either way.
     log_runs: bool = False
+    # Feature-browser pages in <study>/browser/: for each kind, the SAE of its first backbone
+    # seed and first SAE seed at the grid's widest point and middle k (the same SAE config for
+    # every kind), plus the side-by-side page; report.md links them (docs/browser.md).
+    browser: bool = True
     # Torch threads for steps 1-3 (small tensors: one thread is as fast on an idle 2-core CPU
     # and 5-10x faster on a shared one, where threads wait for each other); the stand-ins
     # train with torch's default. null: torch's default throughout.

@@ -480,6 +480,21 @@ def write_markdown(results: dict[str, Any], out_dir: Path, figures: dict[str, Pa
         + ".",
         "",
     ]
+    if results.get("browser"):
+        b = results["browser"]
+        lines += [
+            "## Feature browser",
+            "",
+            f"[Side-by-side page]({b['index']}): each kind's latents for the same class, "
+            f"for the SAE at expansion {b['expansion']} and k {b['k']} of each kind's first "
+            "backbone seed and first SAE seed; one page per kind: "
+            + ", ".join(
+                f"[{label}]({Path(b['index']).parent.as_posix()}/{label}/index.html)"
+                for label in b["saes"]
+            )
+            + ".",
+            "",
+        ]
     path = out_dir / "report.md"
     write_atomic(path, "\n".join(lines))
     return path

@@ -391,6 +391,44 @@ def _sae_record(
     }
 
 
+def write_study_browser(results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """One feature-browser page per kind and the side-by-side page, in ``out_dir/browser``.
+    Each kind shows one SAE, the same SAE config for every kind (so the pages compare at
+    matched L0): its first backbone seed's first layer, the first SAE seed, the widest
+    expansion and the middle k of the grid."""
+    from hsae.browser import write_comparison_browser
+
+    study = results["study"]
+    expansion = max(study["expansions"])
+    ks = sorted(study["ks"])
+    k = ks[(len(ks) - 1) // 2]
+    chosen: dict[str, dict[str, Any]] = {}
+    for rec in results["saes"]:
+        kind = rec["kind"]
+        if rec["expansion"] != expansion or rec["k"] != k or rec["layer_pos"] != 0:
+            continue
+        key = (rec["network"], rec["sae_seed"])
+        if kind not in chosen or key < (chosen[kind]["network"], chosen[kind]["sae_seed"]):
+            chosen[kind] = rec
+    labels = [kind["label"] for kind in study["kinds"]]
+    missing = [label for label in labels if label not in chosen]
+    if missing:
+        raise HsaeError(
+            f"study browser: no SAE with expansion {expansion}, k {k} for kind(s) {missing}; "
+            "set study.browser=false or check the grid"
+        )
+    index = write_comparison_browser(
+        {label: out_dir / chosen[label]["run_dir"] for label in labels}, out_dir / "browser"
+    )
+    log.info("study [browser] %s", index)
+    return {
+        "index": str(index.relative_to(out_dir)),
+        "expansion": expansion,
+        "k": k,
+        "saes": {label: chosen[label]["run_dir"] for label in labels},
+    }
+
+
 def run_study(cfg_dict: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run (or finish) the study configured in ``cfg_dict.study``; returns ``results.json``."""
     out_dir = Path(out_dir).resolve()
@@ -572,6 +610,9 @@ def _steps(
         "timing_s": dict(timer.seconds),
         "timing_cpu_s": dict(timer.cpu_seconds),
     }
+    if study.browser:
+        results["browser"] = write_study_browser(results, out_dir)
+        timer.lap("browser")
     _write_json(out_dir / RESULTS, results)
     from hsae.study.report import write_report
 
