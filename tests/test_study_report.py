@@ -214,9 +214,10 @@ def test_report_numbers_are_the_logged_results(tmp_path):
     study = _study()
     results = _results(study, *_records(study, purity_gain=0.1, cpcc_gain=0.2))
     report = write_report(results, tmp_path, logger_cfg=None)
-    from hsae.study.run import RESULTS, _write_json
+    from hsae.study.run import RESULTS
+    from hsae.study.stages import write_json_record
 
-    _write_json(tmp_path / RESULTS, results)
+    write_json_record(tmp_path / RESULTS, results)
     assert report_numbers_match(report, tmp_path / RESULTS) == []
     text = report.read_text()
     assert "Precondition (step 1) HOLDS" in text and "**supported**" in text
