@@ -64,6 +64,12 @@ def _forward(backbone, batch: torch.Tensor) -> None:
         backbone.model(batch)
 
 
+def _progress(backbone, phase: str, out: dict[str, float]) -> None:
+    # The measuring process is spawned, without the parent's logging: print, flushed, so a
+    # run cut short by a timeout still says how far it got.
+    print(f"  {type(backbone).__name__} {phase}: {out}", flush=True)
+
+
 def measure(backbone, images: torch.Tensor, args, device: torch.device) -> dict[str, float]:
     backbone.model.to(device).eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -75,6 +81,7 @@ def measure(backbone, images: torch.Tensor, args, device: torch.device) -> dict[
         pre = [backbone.resize_crop(image) for image in images[:n_pre]]
         best = min(best, time.perf_counter() - t0)
     out["preprocess_img_s"] = n_pre / best
+    _progress(backbone, "preprocess", out)
     batch = backbone.normalize(torch.stack(pre[: args.batch_size]).to(device))
     with torch.inference_mode(), autocast:
         _forward(backbone, batch)  # warm-up
@@ -87,12 +94,18 @@ def measure(backbone, images: torch.Tensor, args, device: torch.device) -> dict[
             _sync(device)
             best = min(best, (time.perf_counter() - t0) / max(1, args.n_forward // len(batch)))
     out["forward_img_s"] = len(batch) / best
+    _progress(backbone, "forward", out)
     loader = DataLoader(
         Rendered(images, backbone.resize_crop),
         batch_size=args.batch_size,
         num_workers=args.workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        # This process was spawned, so its default start method is spawn too: each worker
+        # would re-import torch and unpickle the model (over CUDA IPC on a GPU) every round.
+        # Fork, as the cache builder's loader does from the main process; the workers only
+        # preprocess on the CPU. Persistent: round 2 on is the steady state.
+        multiprocessing_context="fork" if args.workers else None,
+        persistent_workers=args.workers > 0,
     )
     best = float("inf")
     for _ in range(args.rounds):
