@@ -52,14 +52,21 @@ class Hierarchy:
     def n_leaves(self) -> int:
         return self.n_classes(self.n_levels - 1)
 
+    def class_paths(self, level: int) -> np.ndarray:
+        """``[n_classes(level), level + 1]``: each class's index at levels 0..level (its
+        ancestors, then itself; root excluded). Negative ``level`` counts from the leaves."""
+        if not -self.n_levels <= level < self.n_levels:
+            raise HsaeError(f"level {level} out of range for a tree with {self.n_levels} levels")
+        level %= self.n_levels
+        paths = np.empty((self.n_classes(level), level + 1), dtype=np.int64)
+        paths[:, level] = np.arange(self.n_classes(level))
+        for m in range(level, 0, -1):
+            paths[:, m - 1] = np.asarray(self.parents[m])[paths[:, m]]
+        return paths
+
     def leaf_paths(self) -> np.ndarray:
         """``[n_leaves, n_levels]``: each leaf's class index at every level (root excluded)."""
-        n_levels = self.n_levels
-        paths = np.empty((self.n_leaves, n_levels), dtype=np.int64)
-        paths[:, -1] = np.arange(self.n_leaves)
-        for level in range(n_levels - 1, 0, -1):
-            paths[:, level - 1] = np.asarray(self.parents[level])[paths[:, level]]
-        return paths
+        return self.class_paths(-1)
 
     def labels_from_leaves(self, leaves_n: np.ndarray) -> np.ndarray:
         """``[n, n_levels]`` labels at every level from leaf indices."""
@@ -68,15 +75,18 @@ class Hierarchy:
     def lca_depth(self, leaves_a: np.ndarray, leaves_b: np.ndarray) -> np.ndarray:
         """Depth of the lowest common ancestor: 0 = root, ``n_levels`` = same leaf."""
         paths = self.leaf_paths()
-        same = paths[np.asarray(leaves_a)] == paths[np.asarray(leaves_b)]
-        # Paths agree on a prefix of levels; its length is the LCA's depth.
-        return np.cumprod(same, axis=-1).sum(axis=-1)
+        return _shared_prefix(paths[np.asarray(leaves_a)], paths[np.asarray(leaves_b)])
+
+    def class_distance(self, level: int) -> np.ndarray:
+        """``[n_classes(level), n_classes(level)]``: tree distance (edges on the path through the lowest
+        common ancestor) between the classes of ``level``; CPCC correlates features with it."""
+        paths = self.class_paths(level)
+        depth = _shared_prefix(paths[:, None, :], paths[None, :, :])
+        return 2 * (paths.shape[1] - depth)
 
     def leaf_distance(self) -> np.ndarray:
         """``[n_leaves, n_leaves]`` tree distance (edges on the path) between leaves."""
-        leaves = np.arange(self.n_leaves)
-        depth = self.lca_depth(leaves[:, None], leaves[None, :])
-        return 2 * (self.n_levels - depth)
+        return self.class_distance(-1)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,3 +128,9 @@ class Hierarchy:
             class_names=tuple(tuple(n) for n in class_names),
             parents=tuple(tuple(p) for p in parents),
         )
+
+
+def _shared_prefix(paths_a: np.ndarray, paths_b: np.ndarray) -> np.ndarray:
+    """Depth of the lowest common ancestor of two classes' paths (``class_paths`` rows): paths
+    agree on a prefix of levels, and its length is that depth."""
+    return np.cumprod(paths_a == paths_b, axis=-1).sum(axis=-1)

@@ -74,9 +74,9 @@ def test_batch_cpcc_equals_the_step1_metric():
     leaves = torch.arange(200) % 27
     labels = torch.as_tensor(HIERARCHY.labels_from_leaves(leaves.numpy()))
     tree = torch.as_tensor(HIERARCHY.leaf_distance(), dtype=torch.float32)
-    got = batch_cpcc(emb, leaves, tree, 27)
+    got = batch_cpcc(emb, leaves, tree)
     torch.testing.assert_close(float(got), cpcc(emb, labels, HIERARCHY), atol=1e-5, rtol=0)
-    assert float(batch_cpcc(emb[:2], leaves[:2], tree, 27)) == 0.0  # undefined: < 3 classes
+    assert float(batch_cpcc(emb[:2], leaves[:2], tree)) == 0.0  # undefined: < 3 classes
 
 
 def _fit_free_embeddings(objective: str, seed: int) -> float:

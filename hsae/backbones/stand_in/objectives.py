@@ -21,28 +21,20 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from hsae.cpcc import cpcc_pairs
 from hsae.errors import HsaeError
 from hsae.label_tree import Hierarchy
 
 OBJECTIVES = ("flat", "hier")
 
 
-def batch_cpcc(
-    emb_be: torch.Tensor, leaves_b: torch.Tensor, tree_cc: torch.Tensor, n_leaves: int
-) -> torch.Tensor:
+def batch_cpcc(emb_be: torch.Tensor, leaves_b: torch.Tensor, tree_cc: torch.Tensor) -> torch.Tensor:
     """Differentiable CPCC of one batch: leaf-class means of ``emb_be``, their pairwise
     Euclidean distances against ``tree_cc`` (leaf tree distances). 0 when fewer than three
     classes are present (the correlation is undefined)."""
-    counts = torch.bincount(leaves_b, minlength=n_leaves)
-    present = torch.nonzero(counts).squeeze(1)
-    if len(present) < 3:
+    tree, dist = cpcc_pairs(emb_be, leaves_b, tree_cc, smooth_eps=1e-8)
+    if len(dist) < 3:  # 3 pairs: 3 classes
         return emb_be.new_zeros(())
-    sums = emb_be.new_zeros(n_leaves, emb_be.shape[1]).index_add_(0, leaves_b, emb_be)
-    means = sums[present] / counts[present, None]
-    iu = torch.triu_indices(len(present), len(present), offset=1, device=emb_be.device)
-    diff = means[iu[0]] - means[iu[1]]
-    dist = (diff.pow(2).sum(dim=1) + 1e-8).sqrt()  # eps: the gradient of sqrt at 0
-    tree = tree_cc[present][:, present][iu[0], iu[1]].to(dist.dtype)
     dist_c, tree_c = dist - dist.mean(), tree - tree.mean()
     denom = dist_c.norm() * tree_c.norm()
     return (dist_c * tree_c).sum() / denom.clamp_min(1e-8)
@@ -58,7 +50,6 @@ def make_objective(
             f"{', '.join(OBJECTIVES)}"
         )
     tree_cc = torch.as_tensor(hierarchy.leaf_distance(), dtype=torch.float32)
-    n_leaves = hierarchy.n_leaves
 
     def flat(emb, logits, labels_bl):
         ce = F.cross_entropy(logits[-1], labels_bl[:, -1])
@@ -68,7 +59,7 @@ def make_objective(
         ces = [F.cross_entropy(lg, labels_bl[:, lv]) for lv, lg in enumerate(logits)]
         # The leaf term has the flat objective's weight; coarse levels come on top.
         ce = ces[-1] + coarse_ce_weight * sum(ces[:-1])
-        cpcc = batch_cpcc(emb, labels_bl[:, -1], tree_cc.to(emb.device), n_leaves)
+        cpcc = batch_cpcc(emb, labels_bl[:, -1], tree_cc.to(emb.device))
         return ce - cpcc_weight * cpcc, {
             "ce_leaf": float(ces[-1].detach()),
             "cpcc": float(cpcc.detach()),

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from hsae.backbones.stand_in.models import StandIn, make_stand_in
 from hsae.backbones.stand_in.objectives import make_objective
+from hsae.cpcc import cpcc_of_classes
 from hsae.data.synthetic_tree import HIERARCHY, SyntheticTree
 from hsae.errors import HsaeError
-from hsae.metrics.hierarchy import cpcc
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,11 @@ def evaluate_stand_in(model: StandIn, recipe: Recipe) -> dict[str, float]:
     out: dict[str, float] = {}
     for level, name in enumerate(HIERARCHY.level_names):
         out[f"acc@{name}"] = float((pred_paths[:, level] == labels[:, level]).float().mean())
-    out["cpcc"] = cpcc(emb, labels, HIERARCHY)
+    # The leaves' CPCC, as step 1's hier/cpcc measures it.
+    tree = torch.as_tensor(HIERARCHY.leaf_distance())
+    leaves = labels[:, -1]
+    out["cpcc"] = cpcc_of_classes(emb, leaves, tree, "stand-in CPCC")
     for i, feats in captured.items():
-        out[f"cpcc@layer{i}"] = cpcc(torch.cat(feats), labels, HIERARCHY)
+        out[f"cpcc@layer{i}"] = cpcc_of_classes(torch.cat(feats), leaves, tree, "stand-in CPCC")
     out["n_val"] = float(len(images))
     return out
