@@ -33,27 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hsae.config import REFERENCE_BACKBONE_PREFIX, check_reference
 from hsae.errors import HsaeError
 
 log = logging.getLogger(__name__)
 
-REFERENCES = ("edges", "pixels", "none")  # and backbone:<config name>
-BACKBONE_PREFIX = "backbone:"
 # conf/ beside the package (train.py and evaluate.py compose from it).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-def check_reference(spec: str) -> None:
-    """Raise a helpful ``HsaeError`` unless ``spec`` names a reference."""
-    if spec in REFERENCES:
-        return
-    if spec.startswith(BACKBONE_PREFIX) and spec[len(BACKBONE_PREFIX) :]:
-        return
-    raise HsaeError(
-        f"reference={spec!r} is not valid; choose edges (default: edge orientations, neutral "
-        "to every backbone), pixels, none, or backbone:<config name> (a conf/backbone config, "
-        "e.g. backbone:dinov2_vit_b14)"
-    )
 
 
 def standardise(emb_ne: torch.Tensor) -> torch.Tensor:
@@ -234,8 +220,8 @@ def reference_embedding(
 
     dataset = make_dataset(DatasetConfig(**run_cfg["dataset"]), split)
     image_ids = np.asarray(image_ids)
-    if reference.startswith(BACKBONE_PREFIX):
-        name = reference[len(BACKBONE_PREFIX) :]
+    if reference.startswith(REFERENCE_BACKBONE_PREFIX):
+        name = reference[len(REFERENCE_BACKBONE_PREFIX) :]
         if name == run_cfg.get("backbone", {}).get("name"):
             log.warning(
                 "reference=%s is the backbone under study: MS then favours this backbone over "
