@@ -1,6 +1,7 @@
 """Evaluate a finished run, or compare many:
 
-python evaluate.py run_dir=<run dir>        # metrics on the held-out split -> eval.json
+python evaluate.py run_dir=<run dir>        # metrics on the held-out split -> eval.json,
+                                            # feature browser -> <run dir>/browser/
 python evaluate.py compare=<multirun dir>   # tables + plots -> <multirun dir>/compare/
 """
 
@@ -36,19 +37,17 @@ def main(cfg_dict: DictConfig) -> None:
         from hsae.sae.saelens import export_run
 
         print(f"SAELens folder: {export_run(cfg.run_dir, cfg.export_saelens)}")
-    metrics = evaluate_run(
-        cfg.run_dir,
-        cfg.split,
-        cfg.batch_size,
-        cfg.device,
-        cfg.interp,
-        cfg.reference,
-        cfg.n_top,
-        cfg.control,
-        cfg.names,
-        cfg.names_vocab,
-        browser=cfg.browser,
-    )
+    step3_kwargs = dict(
+        split=cfg.split, batch_size=cfg.batch_size, device=cfg.device, interp=cfg.interp,
+        reference=cfg.reference, n_top=cfg.n_top, control=cfg.control, names=cfg.names,
+        names_vocab=cfg.names_vocab,
+    )  # fmt: skip
+    if cfg.browser:  # step 3, then the pages from its activations (hsae.browser consumes it)
+        from hsae.browser import evaluate_with_browser
+
+        metrics = evaluate_with_browser(cfg.run_dir, **step3_kwargs)
+    else:
+        metrics = evaluate_run(cfg.run_dir, **step3_kwargs)
     print(format_table(metrics))
     print(f"wrote {cfg.run_dir}/eval.json")
 

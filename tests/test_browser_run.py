@@ -1,6 +1,6 @@
 """The browser of a real run: a tiny Matryoshka SAE trained on patch tokens of the tiny ViT,
-evaluated with ``browser=True`` (heatmaps over the synthetic shapes), then opened in
-Chromium; ``evaluate.py`` writes it by default."""
+evaluated with ``evaluate_with_browser`` (step 3, then the pages: heatmaps over the
+synthetic shapes), then opened in Chromium; ``evaluate.py`` writes it by default."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hsae.browser import evaluate_with_browser
 from hsae.browser.compare import read_data
-from hsae.evaluation import evaluate_run
 from tests.conftest import TINY
 from tests.test_browser_page import Page, chromium  # noqa: F401 - the Chromium fixture
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def patch_run(tmp_path_factory, compose):
-    """The run dir, and the media ``evaluate_run`` hands to the eval W&B run."""
+    """The run dir, and the media step 3 and the browser hand to the eval W&B run."""
     from hsae.evaluation import step3 as evaluation
     from hsae.training.run import train
 
@@ -34,8 +34,8 @@ def patch_run(tmp_path_factory, compose):
     media: list = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evaluation, "_log_eval_to_wandb", lambda *a: media.append(a[3]))
-        evaluate_run(tmp / "run", device="cpu", interp=False, control=False, names=False,
-                     browser=True)  # fmt: skip
+        evaluate_with_browser(tmp / "run", device="cpu", interp=False, control=False,
+                              names=False)  # fmt: skip
     return tmp / "run", media[0]
 
 

@@ -6,14 +6,23 @@ screen. A heatmap is a latent's activation on each patch of one of its top image
 ``uint8`` relative to the latent's largest activation (so the heatmaps of one latent
 compare), drawn by the page over the thumbnail; it is computed for the shown images only,
 a batch of images at a time.
+
+Segment tokens (CAST's ``tokens=segments``) have no patch grid: there a heatmap is the
+latent's activation on each of the image's segment tokens (a vector indexed by token id),
+and each shown image gets one segment map (``segs/<row // 1000>/<row>.js``: the token id of
+every cell of the model's stem grid); the page paints each cell with its segment's value
+(``paint_segments`` does the same for the W&B picture).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +30,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from hsae.browser.stats import LatentTable
+from hsae.errors import HsaeError
 
 log = logging.getLogger(__name__)
 
 THUMBS = "thumbs"
+SEGS = "segs"
 ImageLoader = Callable[[int], "np.ndarray | None"]
 """Image row -> ``uint8 [H, W, 3]`` as the backbone saw it (after its resize and crop), or
 None when the image cannot be read (the page shows a blank)."""
@@ -33,8 +44,65 @@ PatchMaps = Callable[[np.ndarray, np.ndarray, np.ndarray], torch.Tensor]
 ``pair_latent[j]``'s activation on every patch of image ``image_rows[pair_image[j]]``."""
 
 
+SegmentMaps = Callable[[np.ndarray], np.ndarray]
+"""``image_rows [b] -> int [b, h, w]``: the token id (at the hooked stage) of every
+stem-grid cell of each image; -1 where no token covers a cell."""
+
+
+@dataclass(frozen=True)
+class SegmentHeat:
+    """Heatmaps over segment tokens: ``values`` as ``PatchMaps`` but ``[m, n_tokens]`` (each
+    pair's activation on every token id of its image, 0 for ids the image lacks), and the
+    segment map of each shown image."""
+
+    values: PatchMaps
+    maps: SegmentMaps
+    grid_hw: tuple[int, int]
+    n_tokens: int
+    stage: int  # the hooked stage (0: superpixels), for the page's note
+
+
 def thumb_path(row: int, ext: str) -> str:
     return f"{THUMBS}/{row // 1000}/{row}.{ext}"
+
+
+def segs_path(row: int) -> str:
+    return f"{SEGS}/{row // 1000}/{row}.js"
+
+
+def seg_dtype(n_tokens: int) -> np.dtype:
+    """One byte per cell while token ids fit below the "no token" value, else two."""
+    return np.dtype(np.uint8) if n_tokens < 255 else np.dtype("<u2")
+
+
+def paint_segments(ids_hw: np.ndarray, heat_t: np.ndarray) -> np.ndarray:
+    """``uint8 [h, w]``: each cell painted with the heat of the token it belongs to (0 where
+    no token covers it) — what the page draws from a segment map and a heat vector."""
+    ids = np.asarray(ids_hw, np.int64)
+    inside = (ids >= 0) & (ids < len(heat_t))
+    return np.where(inside, np.asarray(heat_t)[np.where(inside, ids, 0)], 0).astype(np.uint8)
+
+
+def write_segment_maps(
+    out_dir: Path, rows: np.ndarray, seg: SegmentHeat, batch: int = 4096
+) -> None:
+    """One segment map per image row (``segs_path``: ``hsaeData("<base64 ids>")``, row-major
+    on ``seg.grid_hw``, the "no token" value for uncovered cells)."""
+    dtype = seg_dtype(seg.n_tokens)
+    none = np.iinfo(dtype).max
+    for sub in np.unique(np.asarray(rows) // 1000):
+        (out_dir / SEGS / str(int(sub))).mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(rows), batch):
+        chunk = np.asarray(rows[start : start + batch])
+        maps = np.asarray(seg.maps(chunk))
+        if maps.shape != (len(chunk), *seg.grid_hw):
+            raise HsaeError(
+                f"segment maps of shape {maps.shape}, expected {(len(chunk), *seg.grid_hw)}"
+            )
+        for row, ids in zip(chunk.tolist(), maps, strict=True):
+            cells = np.where((ids >= 0) & (ids < seg.n_tokens), ids, none).astype(dtype)
+            text = base64.b64encode(cells.tobytes()).decode()
+            (out_dir / segs_path(row)).write_text(f"hsaeData({json.dumps(text)});\n")
 
 
 def as_uint8_image(image: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -83,7 +151,8 @@ def heatmaps(
     table: LatentTable, patch_maps: PatchMaps, n_patches: int, batch_images: int
 ) -> np.ndarray:
     """``uint8 [n_latents, n_show, n_patches]``: each shown image's patch activations of the
-    latent, over the latent's largest shown activation, ``batch_images`` images at a time."""
+    latent, over the latent's largest shown activation, ``batch_images`` images at a time
+    (segment tokens: ``n_patches`` token ids)."""
     n_latents, n_show = table.show_row_ks.shape
     heat = np.zeros((n_latents, n_show, n_patches), np.uint8)
     flat_rows = table.show_row_ks.ravel()
@@ -108,10 +177,14 @@ def heatmaps(
 _RED = np.array([230, 30, 20], np.float32)
 
 
-def overlay(image: np.ndarray, heat_p: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
-    """The heatmap blended over a ``uint8 [H, W, 3]`` image (red, alpha = activation)."""
+CellMaps = Callable[[int, int], "np.ndarray | None"]
+"""``(latent, slot) -> uint8 [h, w]`` heat cells of that shown image, or None."""
+
+
+def overlay(image: np.ndarray, cells_hw: np.ndarray) -> np.ndarray:
+    """The heat cells blended over a ``uint8 [H, W, 3]`` image (red, alpha = activation)."""
     h, w = image.shape[:2]
-    cells = Image.fromarray(heat_p.reshape(grid_hw))
+    cells = Image.fromarray(np.ascontiguousarray(cells_hw, np.uint8))
     cells_hw1 = np.asarray(cells.resize((w, h), Image.Resampling.BILINEAR), np.float32)[..., None]
     alpha = 0.7 * cells_hw1 / 255
     return (image.astype(np.float32) * (1 - alpha) + _RED * alpha + 0.5).astype(np.uint8)
@@ -119,11 +192,10 @@ def overlay(image: np.ndarray, heat_p: np.ndarray, grid_hw: tuple[int, int]) -> 
 
 def wandb_grid(
     out_path: Path, table: LatentTable, latents: list[int], captions: list[str],
-    out_dir: Path, ext: str, heat: np.ndarray | None, grid_hw: tuple[int, int] | None,
-    n_images: int = 6, cell: int = 64,
+    out_dir: Path, ext: str, cells: CellMaps | None, n_images: int = 6, cell: int = 64,
 ) -> Path:  # fmt: skip
-    """A PNG (``uint8``, 0..255): one row per latent, its top images (heatmaps over them
-    for patch tokens) after a caption cell."""
+    """A PNG (``uint8``, 0..255): one row per latent, its top images (with their heatmaps,
+    ``cells``, when there are any) after a caption cell."""
     label_w = 3 * cell
     canvas = Image.new("RGB", (label_w + n_images * cell, max(1, len(latents)) * cell), "white")
     draw = ImageDraw.Draw(canvas)
@@ -137,8 +209,9 @@ def wandb_grid(
                 continue
             with Image.open(path) as thumb:
                 image = np.asarray(thumb.convert("RGB").resize((cell, cell)))
-            if heat is not None and grid_hw is not None:
-                image = overlay(image, heat[latent, s], grid_hw)
+            heat_hw = cells(latent, s) if cells is not None else None
+            if heat_hw is not None:
+                image = overlay(image, heat_hw)
             canvas.paste(Image.fromarray(image), (label_w + s * cell, y))
     canvas.save(out_path, "PNG")
     return out_path

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,12 @@ import numpy as np
 import torch
 
 from hsae import rundir
+from hsae.browser.media import PatchMaps, SegmentHeat
 from hsae.browser.site import BrowserResult, SiteInputs, build_site
 from hsae.browser.stats import containment, latent_table
 from hsae.cache import ActivationCache, resolve_device
 from hsae.errors import HsaeError
-from hsae.evaluation.inputs import patch_grid
+from hsae.evaluation.inputs import patch_grid, ragged_images
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +79,128 @@ def _image_loader(cfg: dict, cache: ActivationCache, split: str, image_ids: np.n
     return load
 
 
-def _patch_maps(sae: torch.nn.Module, cache: ActivationCache, device: torch.device):
+def _patch_maps(
+    sae: torch.nn.Module, cache: ActivationCache, device: torch.device, offsets: np.ndarray
+) -> PatchMaps:
+    """Heatmap values from the SAE run on each image's patch rows (``offsets``: the patch
+    rows' places among the image's ``tokens_per_image`` rows)."""
     tokens_per_image = cache.manifest["tokens_per_image"]
-    offsets = np.arange(tokens_per_image)
 
     @torch.no_grad()
     def maps(image_rows: np.ndarray, pair_image: np.ndarray, pair_latent: np.ndarray):
         rows = (np.asarray(image_rows)[:, None] * tokens_per_image + offsets).ravel()
         codes = sae(cache.read(rows).to(device)).codes.float()
-        codes = codes.view(len(image_rows), tokens_per_image, -1)
+        codes = codes.view(len(image_rows), len(offsets), -1)
         return codes[torch.as_tensor(pair_image), :, torch.as_tensor(pair_latent)].cpu()
 
     return maps
+
+
+def all_tokens_grid(cache: ActivationCache) -> tuple[tuple[int, int], int] | None:
+    """``tokens=all``: ``(patch grid, number of prefix tokens)`` when an image's rows are
+    prefix tokens (CLS, registers: fewer than a grid side) followed by a square patch grid."""
+    token_index = cache.manifest["token_index"]
+    if cache.manifest["spec"].get("tokens") != "all" or token_index != list(
+        range(len(token_index))
+    ):
+        return None
+    side = math.isqrt(len(token_index))
+    n_prefix = len(token_index) - side * side
+    return ((side, side), n_prefix) if side > 1 and n_prefix < side else None
+
+
+def hooked_stage(cache: ActivationCache) -> int:
+    """The CAST stage of the cached layer (0: superpixel tokens), from its module name."""
+    name = cache.manifest.get("layer", {}).get("name", "")
+    found = re.search(r"(?:^|\.)stages\.(\d+)\.", name)
+    if found is None:
+        raise HsaeError(
+            f"cache {cache.path}: layer {name!r} is not a CAST stage's block (stages.<k>.*); "
+            "segment heatmaps need a cache built with backbone.tokens=segments on CAST"
+        )
+    return int(found[1])
+
+
+def segment_heat(
+    sae: torch.nn.Module, cache: ActivationCache, image_ids: np.ndarray, device: torch.device
+) -> SegmentHeat:
+    """Heatmaps over segment tokens (``tokens=segments``): each shown image's map is its
+    segment tree's partition at the hooked stage (superpixels at stage 0, the argmax
+    clusters of each pooling after), on the stem grid the model averaged its tokens over;
+    a row's token id indexes that map. Only the images asked for are looked up."""
+    stage = hooked_stage(cache)
+    trees = cache.segment_trees()
+    if stage > len(trees.parents):
+        raise HsaeError(f"cache {cache.path}: stage {stage} but trees of {len(trees.parents)}")
+    starts, ends = ragged_images(cache)
+    assert cache.row_index is not None  # a ragged cache
+    n_tokens = int(np.asarray(cache.row_index[:, 1]).max()) + 1
+    order = np.argsort(trees.image_ids, kind="stable")
+    tree_ids = trees.image_ids[order]
+
+    def maps(image_rows: np.ndarray) -> np.ndarray:
+        ids = np.asarray(image_ids)[np.asarray(image_rows)]
+        at = np.minimum(np.searchsorted(tree_ids, ids), len(tree_ids) - 1)
+        if not (tree_ids[at] == ids).all():
+            raise HsaeError(f"cache {cache.path} has no segment tree for images {ids.tolist()}")
+        tree = order[at]
+        level = trees.segments[tree].astype(np.int64).reshape(len(tree), -1)
+        for k in range(stage):  # stage-k token -> the stage-k+1 token it is assigned to
+            parents = trees.parents[k][tree].astype(np.int64)
+            inside = (level >= 0) & (level < parents.shape[1])
+            level = np.where(inside, np.take_along_axis(parents, np.where(inside, level, 0), 1), -1)
+        return level.reshape(trees.segments[tree].shape)
+
+    @torch.no_grad()
+    def values(image_rows: np.ndarray, pair_image: np.ndarray, pair_latent: np.ndarray):
+        first, last = starts[np.asarray(image_rows)], ends[np.asarray(image_rows)]
+        counts = last - first
+        image_r = np.repeat(np.arange(len(first)), counts)
+        rows = (
+            first[image_r] + np.arange(len(image_r)) - np.repeat(np.cumsum(counts) - counts, counts)
+        )
+        codes = sae(cache.read(rows).to(device)).codes.float()
+        token_r = torch.as_tensor(np.asarray(cache.row_token(rows)), device=device)
+        dense = torch.zeros(len(first), n_tokens, codes.shape[1], device=device)
+        dense[torch.as_tensor(image_r, device=device), token_r] = codes
+        return dense[torch.as_tensor(pair_image), :, torch.as_tensor(pair_latent)].cpu()
+
+    grid = tuple(int(n) for n in trees.segments.shape[1:])
+    return SegmentHeat(values, maps, (grid[0], grid[1]), n_tokens, stage)
+
+
+def heat_sources(
+    sae: torch.nn.Module, cache: ActivationCache, image_ids: np.ndarray, device: torch.device
+) -> tuple[dict[str, Any], str]:
+    """``build_site``'s heatmap arguments for the cache's tokens, and what the page says
+    about them."""
+    tokens = cache.manifest["spec"].get("tokens")
+    if tokens == "segments":  # ragged rows: no token_index, no grid
+        seg = segment_heat(sae, cache, image_ids, device)
+        what = "superpixel" if seg.stage == 0 else f"stage-{seg.stage + 1} segment"
+        note = (
+            f"the latent on each {what} token, painted over its segment (the cached segment "
+            f"tree on the model's {seg.grid_hw[0]} x {seg.grid_hw[1]} stem grid)"
+        )
+        return {"segments": seg}, note
+    grid = patch_grid(cache)
+    if grid is not None:
+        offsets = np.arange(cache.manifest["tokens_per_image"])
+        maps = _patch_maps(sae, cache, device, offsets)
+        return {"patch_maps": maps, "grid_hw": grid}, "the latent on each patch"
+    found = all_tokens_grid(cache)
+    if found is not None:
+        grid, n_prefix = found
+        offsets = np.arange(n_prefix, n_prefix + grid[0] * grid[1])
+        note = (
+            f"the latent on each patch; the {n_prefix} token(s) before the patches (class "
+            "token, registers) are not drawn, so an image ranked by its class token can show "
+            "a faint map"
+        )
+        return {"patch_maps": _patch_maps(sae, cache, device, offsets), "grid_hw": grid}, note
+    if tokens == "all":
+        return {}, "none: these tokens=all rows are not a class token and a square patch grid"
+    return {}, f"none: tokens={tokens} is one row per image (no place in the image to paint)"
 
 
 def write_run_browser(
@@ -149,6 +262,7 @@ def write_run_browser(
         "split": split,
         "dataset": cfg.get("dataset", {}).get("name"),
     }
+    heat_args, info["heatmaps"] = heat_sources(sae, cache, image_ids, dev)
     tracking = cfg.get("tracking", {})
     inputs = SiteInputs(
         title=title or tracking.get("name") or run_dir.name,
@@ -160,16 +274,31 @@ def write_run_browser(
         metrics=record.get("metrics", {}),
         info=info,
     )
-    grid = patch_grid(cache)
     result = build_site(
         Path(out_dir) if out_dir is not None else run_dir / BROWSER_DIR,
         inputs,
         load_image=_image_loader(cfg, cache, split, image_ids),
-        patch_maps=_patch_maps(sae, cache, dev) if grid else None,
-        grid_hw=grid,
+        **heat_args,
         n_top=n_top,
         shard_size=shard_size,
         thumb_size=thumb_size,
     )
     result.seconds = seconds | result.seconds
     return result
+
+
+def evaluate_with_browser(run_dir: str | Path, **step3_kwargs: Any) -> dict[str, float]:
+    """What ``evaluate.py run_dir=...`` does: step 3 (``run_step3``: ``eval.json``), then
+    the run's feature browser from that pass's per-image activations (no second pass over
+    the cache), then the eval W&B run with step 3's media and the browser's. Returns the
+    metrics."""
+    from hsae.evaluation.step3 import log_step3, run_step3
+
+    result = run_step3(run_dir, **step3_kwargs)
+    pages = write_run_browser(
+        result.run_dir, sae=result.sae, cache=result.cache, acts_ik=result.images.acts_ik,
+        image_ids=result.images.image_ids, split=result.split, device=result.device,
+        n_top=result.n_top,
+    )  # fmt: skip
+    log_step3(result, pages.wandb_media)
+    return result.metrics

@@ -1,12 +1,13 @@
 """Writes one browser folder: the static app, the paged data, thumbnails, the W&B picture.
 
-Layout (``FORMAT`` 1)::
+Layout (``FORMAT`` 2)::
 
     index.html, app.js, style.css        the app (vanilla JS, no build step, no network)
     data/index.js                        every latent's numbers, column by column, + run info
     data/latents-NNNNN.js                ``shard_size`` latents each: top images, activations,
                                          heatmaps, label distribution at every level
     thumbs/<row // 1000>/<row>.webp      one thumbnail per image some latent shows
+    segs/<row // 1000>/<row>.js          segment tokens: each shown image's segment map
     wandb_top_images.png                 the purest latents' top images (also in W&B)
     manifest.json                        what was built (written last)
 
@@ -32,14 +33,25 @@ from typing import Any
 
 import numpy as np
 
-from hsae.browser.media import ImageLoader, PatchMaps, heatmaps, wandb_grid, write_thumbnails
+from hsae.browser.media import (
+    CellMaps,
+    ImageLoader,
+    PatchMaps,
+    SegmentHeat,
+    heatmaps,
+    paint_segments,
+    seg_dtype,
+    wandb_grid,
+    write_segment_maps,
+    write_thumbnails,
+)
 from hsae.browser.stats import LatentTable
 from hsae.errors import HsaeError
 from hsae.label_tree import Hierarchy
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: segment-token heatmaps (``segs/``)
 MANIFEST = "manifest.json"
 APP_FILES = ("index.html", "app.js", "style.css")
 WANDB_GRID = "wandb_top_images.png"
@@ -59,7 +71,8 @@ class SiteInputs:
     "hierarchical", "n_parents": P, "n_children": C}``; None: a flat dictionary."""
     metrics: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
-    """Shown in the page's header: run dir, backbone, layer, tokens, architecture, split."""
+    """Shown in the page's header: run dir, backbone, layer, tokens, architecture, split,
+    and ``heatmaps``: what the heatmaps show (or why there are none)."""
 
 
 @dataclass
@@ -108,7 +121,8 @@ def group_column(structure: dict[str, Any] | None, n_latents: int) -> np.ndarray
 
 
 def index_payload(inputs: SiteInputs, shard_size: int, n_show: int, n_top: int,
-                  grid_hw: tuple[int, int] | None, thumbs: str | None) -> dict:  # fmt: skip
+                  grid_hw: tuple[int, int] | None, thumbs: str | None,
+                  segments: SegmentHeat | None = None) -> dict:  # fmt: skip
     t, h = inputs.table, inputs.hierarchy
     n_latents = len(t.n_fired_k)
     names = sorted({name for name, _ in inputs.names.values()})
@@ -154,6 +168,14 @@ def index_payload(inputs: SiteInputs, shard_size: int, n_show: int, n_top: int,
         "parents": [list(p) for p in h.parents],
         "names": names,
         "grid": list(grid_hw) if grid_hw else None,
+        "segments": {
+            "grid": list(segments.grid_hw),
+            "bytes": seg_dtype(segments.n_tokens).itemsize,
+            "n_tokens": segments.n_tokens,
+            "stage": segments.stage,
+        }
+        if segments is not None
+        else None,
         "thumbs": thumbs,
         "structure": inputs.structure,
         "containment": {"images": t.contain_images, "of": t.n_images}
@@ -198,8 +220,7 @@ def shard_payload(inputs: SiteInputs, start: int, stop: int, heat: np.ndarray | 
     return out
 
 
-def wandb_media(inputs: SiteInputs, out_dir: Path, thumbs: str | None,
-                heat: np.ndarray | None, grid_hw: tuple[int, int] | None,
+def wandb_media(inputs: SiteInputs, out_dir: Path, thumbs: str | None, cells: CellMaps | None,
                 n_grid: int = 8, n_rows: int = 200) -> dict[str, Any]:  # fmt: skip
     """The purest latents (one per class at their level) as a picture, and a table of the
     ``n_rows`` purest latents."""
@@ -230,9 +251,25 @@ def wandb_media(inputs: SiteInputs, out_dir: Path, thumbs: str | None,
     media: dict[str, Any] = {"latents/browser": {"columns": columns, "rows": rows}}
     if grid and thumbs:
         media["latents/top_images"] = wandb_grid(
-            out_dir / WANDB_GRID, t, grid, captions, out_dir, thumbs, heat, grid_hw
+            out_dir / WANDB_GRID, t, grid, captions, out_dir, thumbs, cells
         )
     return media
+
+
+def _patch_cells(heat: np.ndarray, grid_hw: tuple[int, int]) -> CellMaps:
+    return lambda latent, slot: heat[latent, slot].reshape(grid_hw)
+
+
+def _segment_cells(table: LatentTable, heat: np.ndarray, segments: SegmentHeat) -> CellMaps:
+    """Each shown image's segment map painted with the latent's heat (the W&B picture)."""
+
+    def cells(latent: int, slot: int) -> np.ndarray | None:
+        row = int(table.show_row_ks[latent, slot])
+        if row < 0:
+            return None
+        return paint_segments(segments.maps(np.array([row]))[0], heat[latent, slot])
+
+    return cells
 
 
 def build_site(
@@ -242,6 +279,7 @@ def build_site(
     load_image: ImageLoader | None = None,
     patch_maps: PatchMaps | None = None,
     grid_hw: tuple[int, int] | None = None,
+    segments: SegmentHeat | None = None,
     n_top: int = 50,
     shard_size: int = 256,
     thumb_size: int = 96,
@@ -250,13 +288,15 @@ def build_site(
 ) -> BrowserResult:
     """Write the browser for one set of latents into ``out_dir`` (replaced when it exists).
     ``load_image``: thumbnails (none without it); ``patch_maps`` with ``grid_hw``: heatmaps
-    (patch tokens)."""
+    (patch tokens); ``segments``: heatmaps over segment tokens (CAST)."""
     if shard_size < 1:
         raise HsaeError(f"shard_size={shard_size} must be >= 1")
     if thumb_format not in ("webp", "png"):
         raise HsaeError(f"thumb_format={thumb_format!r}: use webp or png")
     if (patch_maps is None) != (grid_hw is None):
         raise HsaeError("pass patch_maps and grid_hw together (heatmaps need the patch grid)")
+    if patch_maps is not None and segments is not None:
+        raise HsaeError("pass patch_maps or segments, not both: a run has one kind of token")
     out_dir = Path(out_dir).resolve()
     t = inputs.table
     n_latents, n_show = t.show_row_ks.shape
@@ -273,17 +313,27 @@ def build_site(
         n_written = write_thumbnails(tmp, rows, load_image, thumb_size, thumb_format)
         seconds["thumbnails"] = time.perf_counter() - begin
         log.info("browser: %d thumbnails (%d unreadable)", n_written, len(rows) - n_written)
-    heat = None
+    heat, cells = None, None
     if patch_maps is not None and grid_hw is not None:
         begin = time.perf_counter()
         n_patches = grid_hw[0] * grid_hw[1]
         batch = max(1, heat_batch_bytes // (n_patches * n_latents * 4))
         heat = heatmaps(t, patch_maps, n_patches, batch)
+        cells = _patch_cells(heat, grid_hw)
+        seconds["heatmaps"] = time.perf_counter() - begin
+    if segments is not None:
+        begin = time.perf_counter()
+        write_segment_maps(tmp, np.unique(t.show_row_ks[t.show_row_ks >= 0]), segments)
+        seconds["segment maps"] = time.perf_counter() - begin
+        begin = time.perf_counter()
+        batch = max(1, heat_batch_bytes // (segments.n_tokens * n_latents * 4))
+        heat = heatmaps(t, segments.values, segments.n_tokens, batch)
+        cells = _segment_cells(t, heat, segments)
         seconds["heatmaps"] = time.perf_counter() - begin
 
     begin = time.perf_counter()
     _write_js(tmp / "data" / "index.js",
-              index_payload(inputs, shard_size, n_show, n_top, grid_hw, thumbs))  # fmt: skip
+              index_payload(inputs, shard_size, n_show, n_top, grid_hw, thumbs, segments))  # fmt: skip
     n_shards = 0
     for start in range(0, n_latents, shard_size):
         stop = min(start + shard_size, n_latents)
@@ -292,7 +342,7 @@ def build_site(
         n_shards += 1
     seconds["data files"] = time.perf_counter() - begin
     begin = time.perf_counter()
-    media = wandb_media(inputs, tmp, thumbs, heat, grid_hw)
+    media = wandb_media(inputs, tmp, thumbs, cells)
     seconds["W&B picture"] = time.perf_counter() - begin
     manifest = {
         "format": FORMAT,
@@ -302,6 +352,7 @@ def build_site(
         "shard_size": shard_size,
         "thumbs": thumbs,
         "heatmaps": heat is not None,
+        "heat_kind": None if heat is None else "segments" if segments is not None else "patches",
         "title": inputs.title,
         "info": inputs.info,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},

@@ -1,4 +1,4 @@
-"""Step 3 (``evaluate_run``): every metric that applies to a finished run, from its run dir.
+"""Step 3 (``run_step3`` / ``evaluate_run``): every metric that applies to a finished run, from its run dir.
 
 The SAE's own metrics on the held-out split (``fvu``, ``l0``, ...), then the
 interpretability metrics (``interp/...``: purity, entropy, taxonomy depth, MS, uniqueness,
@@ -9,7 +9,9 @@ reason under ``skipped``.
 
 from __future__ import annotations
 
+import inspect
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,25 @@ def interpretability(
     return metrics, skipped
 
 
-def evaluate_run(
+@dataclass
+class Step3Result:
+    """What step 3 computed, for what comes after it (W&B, the feature browser, which
+    reuses ``images`` instead of a second pass over the cache)."""
+
+    run_dir: Path
+    cfg: dict
+    split: str
+    n_top: int
+    metrics: dict[str, float]
+    sae: torch.nn.Module
+    cache: ActivationCache
+    images: ImagePass  # per-image activations on the CPU (``acts_ik``, ``image_ids``)
+    device: torch.device
+    media: dict[str, Any] = field(default_factory=dict)
+    """W&B media of the eval run so far (``latents/names``)."""
+
+
+def run_step3(
     run_dir: str | Path,
     split: str = "val",
     batch_size: int = 4096,
@@ -80,11 +100,10 @@ def evaluate_run(
     control: bool = True,
     names: bool = True,
     names_vocab: str | Path | None = None,
-    browser: bool = False,
-) -> dict[str, Any]:
+) -> Step3Result:
     """Every metric that applies to the run, on a cached split; writes ``eval.json`` (with
-    the per-latent names under ``latents`` when the backbone has a text tower) and, with
-    ``browser`` (``evaluate.py``'s default), the feature browser ``<run dir>/browser/``."""
+    the per-latent names under ``latents`` when the backbone has a text tower) and returns
+    them with the SAE, cache and per-image activations they came from."""
     run_dir = Path(run_dir).resolve()
     cfg = read_run_cfg(run_dir)
     if split not in cfg["cache"]:
@@ -160,14 +179,27 @@ def evaluate_run(
     if latents_table is not None:
         record["latents"] = latents_table
     write_json(RunDir(run_dir).eval, record)
-    media = {"latents/names": latents_table} if latents_table is not None else None
-    if browser:  # from this pass's activations: no second pass over the cache
-        from hsae.browser import write_run_browser
+    media = {"latents/names": latents_table} if latents_table is not None else {}
+    return Step3Result(run_dir, cfg, split, n_top, metrics, sae, cache, images, dev, media)
 
-        pages = write_run_browser(
-            run_dir, sae=sae, cache=cache, acts_ik=images.acts_ik, image_ids=images.image_ids,
-            split=split, device=dev, n_top=n_top,
-        )  # fmt: skip
-        media = (media or {}) | pages.wandb_media
-    _log_eval_to_wandb(run_dir, cfg, metrics, media)
-    return metrics
+
+def evaluate_run(run_dir: str | Path, **step3_kwargs: Any) -> dict[str, Any]:
+    """Every metric that applies to the run, on a cached split: ``run_step3`` (writes
+    ``eval.json``), then the eval W&B run. The feature browser is built by its caller
+    (``hsae.browser.evaluate_with_browser``, what ``evaluate.py`` runs)."""
+    result = run_step3(run_dir, **step3_kwargs)
+    log_step3(result)
+    return result.metrics
+
+
+# help() and the study read the parameters and their defaults: run_step3's, written once.
+evaluate_run.__signature__ = inspect.signature(run_step3).replace(  # type: ignore[attr-defined]
+    return_annotation=dict[str, Any]
+)
+
+
+def log_step3(result: Step3Result, media: dict[str, Any] | None = None) -> None:
+    """Step 3's metrics and media (``media`` added, e.g. the browser's) to the eval W&B
+    run, when the run was tracked in W&B."""
+    media = result.media | (media or {})
+    _log_eval_to_wandb(result.run_dir, result.cfg, result.metrics, media or None)

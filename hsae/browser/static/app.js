@@ -100,6 +100,10 @@
   Run.prototype.thumb = function (row) {
     return this.base + "thumbs/" + Math.floor(row / 1000) + "/" + row + "." + this.meta.thumbs;
   };
+  Run.prototype.segs = function (row) {  // segment tokens: the image's segment map (base64 ids)
+    return load(this.base + "segs/" + Math.floor(row / 1000) + "/" + row + ".js");
+  };
+  Run.prototype.hasHeat = function () { return !!(this.meta.grid || this.meta.segments); };
   Run.prototype.cls = function (level, c) {
     return c >= 0 ? this.meta.classes[level][c] : "–";
   };
@@ -165,6 +169,31 @@
       image.data.set(HEAT_LUT.subarray(4 * v, 4 * v + 4), 4 * i);
     }
     ctx.putImageData(image, 0, 0);
+    return canvas;
+  }
+
+  // Segment tokens: each cell of the stem grid painted with the heat of its segment's token.
+  function paintSegments(canvas, seg, heatB64, idsB64) {
+    var heat = atob(heatB64), ids = atob(idsB64), h = seg.grid[0], w = seg.grid[1];
+    var ctx = canvas.getContext("2d");
+    var image = ctx.createImageData(w, h);
+    for (var i = 0; i < h * w; i++) {
+      var id = seg.bytes === 1 ? ids.charCodeAt(i) : ids.charCodeAt(2 * i) | (ids.charCodeAt(2 * i + 1) << 8);
+      var v = id < heat.length ? heat.charCodeAt(id) : 0;  // past the tokens: no token there
+      image.data.set(HEAT_LUT.subarray(4 * v, 4 * v + 4), 4 * i);
+    }
+    ctx.putImageData(image, 0, 0);
+    canvas.setAttribute("data-painted", "1");
+  }
+  function segmentCanvas(run, row, heatB64, img) {
+    var seg = run.meta.segments;
+    var canvas = el("canvas", { width: seg.grid[1], height: seg.grid[0], cls: "heat" });
+    function paint() {
+      run.segs(row).then(function (ids) { paintSegments(canvas, seg, heatB64, ids); }).catch(fail);
+    }
+    // With a thumbnail, its map loads when the (lazy) image does: only cards on screen.
+    if (img && !img.complete) img.addEventListener("load", paint, { once: true });
+    else paint();
     return canvas;
   }
 
@@ -249,13 +278,16 @@
     item.img.forEach(function (row, s) {
       var label = run.cls(finest, item.lab[s]);
       var frame = el("div", { cls: "thumb" });
+      var img = null;
       if (meta.thumbs) {
-        frame.appendChild(el("img", { src: run.thumb(row), loading: "lazy", alt: "image " + row,
-          title: "image " + row + ": " + label + ", activation " + fmt(item.act[s]) }));
+        img = el("img", { src: run.thumb(row), loading: "lazy", alt: "image " + row,
+          title: "image " + row + ": " + label + ", activation " + fmt(item.act[s]) });
+        frame.appendChild(img);
       } else {
         frame.appendChild(el("div", { cls: "noimg" }, ["image " + row]));
       }
       if (item.heat && meta.grid) frame.appendChild(heatCanvas(item.heat[s], meta.grid));
+      else if (item.heat && meta.segments) frame.appendChild(segmentCanvas(run, row, item.heat[s], img));
       thumbs.appendChild(el("figure", null, [frame, el("figcaption", null, [fmt(item.act[s]) + " · " + label])]));
     });
   }
@@ -276,6 +308,7 @@
     bits.push(fmt(meta.n_images) + " images" + (info.split ? " (" + info.split + ")" : ""));
     var infoEl = document.getElementById("info");
     infoEl.textContent = bits.join(" · ");
+    if (info.heatmaps) infoEl.appendChild(el("div", { cls: "heatnote" }, ["heatmaps: " + info.heatmaps]));
     var keys = Object.keys(meta.metrics || {});
     if (keys.length) {
       var table = el("table");
@@ -337,7 +370,7 @@
     } });
     this.heatBox = el("input", { type: "checkbox", id: "heat" });
     this.heatBox.addEventListener("change", function () { self.set({ heat: self.heatBox.checked ? "1" : "0" }); });
-    var heatLabel = run.meta.grid ? el("label", null, [this.heatBox, " heatmaps"]) : null;
+    var heatLabel = run.hasHeat() ? el("label", null, [this.heatBox, " heatmaps"]) : null;
     this.count = el("span", { id: "count" });
     app.appendChild(this.tabs);
     app.appendChild(el("div", { cls: "toolbar" }, [this.search, el("label", null, ["sort ", this.sortSel]), this.orderBtn, heatLabel, this.count]));
