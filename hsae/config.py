@@ -18,6 +18,8 @@ from hsae.errors import HsaeError
 TOKENS = ("cls", "patch", "mean", "all", "segments")  # segments: CAST's segment tokens
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 BACKBONE_LOADERS = ("open_clip", "hf", "timm", "torchvision", "stand_in", "cast")
+# matryoshka: the nested groups' shares of the dictionary; prefixes double in width.
+MATRYOSHKA_GROUP_FRACTIONS = (0.0625, 0.0625, 0.125, 0.25, 0.5)
 STUDY_ROLES = ("baseline", "treatment")
 REFERENCES = ("edges", "pixels", "none")  # and backbone:<config name> (hsae.metrics.reference)
 REFERENCE_BACKBONE_PREFIX = "backbone:"
@@ -134,20 +136,21 @@ class SAEConfig:
     dead_tokens_threshold: Optional[int] = None  # noqa: UP045
     dead_epoch_fraction: float = 1.0  # one epoch: fired on no training row of the last pass
     # batchtopk, matryoshka: EMA weight of each batch's smallest kept activation in the
-    # inference threshold.
+    # inference threshold; ~ an average over the last 100 steps: smooth, yet it follows the
+    # encoder as it trains.
     threshold_momentum: float = 0.01
     # jumprelu: in pre-activation units (the paper's values assume unit mean squared norm).
-    bandwidth: float = 0.001
-    sparsity_coeff: float = 0.001  # L0 penalty, in units of the FVU
+    bandwidth: float = 0.001  # the paper's epsilon
+    sparsity_coeff: float = 0.001  # lambda: the L0 penalty, in units of the FVU
     sparsity_warmup_fraction: float = 0.1
-    init_threshold: float = 0.001
+    init_threshold: float = 0.001  # the paper's theta_0
     # matryoshka: nested groups (prefixes double in width), or random prefixes when > 0.
-    group_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.0625, 0.125, 0.25, 0.5])
+    group_fractions: list[float] = field(default_factory=lambda: list(MATRYOSHKA_GROUP_FRACTIONS))
     n_random_prefixes: int = 0
-    activation: str = "batchtopk"  # topk | batchtopk inside matryoshka
+    activation: str = "batchtopk"  # topk | batchtopk inside matryoshka; Bussmann et al.'s
     # hierarchical: children per parent (n_latents = parents * (1 + n_children)), active per parent.
-    n_children: int = 3
-    k_child: int = 1
+    n_children: int = 3  # 1 + 3 divides the usual power-of-two widths
+    k_child: int = 1  # the paper: one child per active parent
     parent_recon_coeff: float = 0.0  # hsae addition: parents also reconstruct alone (0 = paper)
 
     def __post_init__(self) -> None:

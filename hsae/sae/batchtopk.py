@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from hsae.config import SAEConfig
 from hsae.sae.base import (
     batch_topk_codes,
     check_fraction,
@@ -117,11 +118,10 @@ class BatchTopKSAE(ThresholdMixin, TopKSAE):
         d_model: int,
         n_latents: int,
         k: int,
-        k_aux: int | None = None,
-        aux_coeff: float = 1 / 32,
+        k_aux: int | None = SAEConfig.k_aux,  # defaults: hsae.config.SAEConfig
+        aux_coeff: float = SAEConfig.aux_coeff,
         dead_tokens_threshold: int | None = None,
-        # ~ an average over the last 100 steps: smooth, yet it follows the encoder as it trains.
-        threshold_momentum: float = 0.01,
+        threshold_momentum: float = SAEConfig.threshold_momentum,
     ):
         super().__init__(d_model, n_latents, k, k_aux, aux_coeff, dead_tokens_threshold)
         self.threshold_momentum = threshold_momentum

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hsae.config import SAEConfig
 from hsae.sae.base import (
     ForwardOutput,
     SparseAutoencoder,
@@ -41,8 +42,8 @@ class GatedSAE(L1PenaltyMixin, UnitNormDecoderMixin, SparseAutoencoder):
         self,
         d_model: int,
         n_latents: int,
-        l1_coeff: float = 5.0,
-        l1_warmup_fraction: float = 0.05,
+        l1_coeff: float = SAEConfig.l1_coeff,  # defaults: hsae.config.SAEConfig
+        l1_warmup_fraction: float = SAEConfig.l1_warmup_fraction,
     ):
         super().__init__()
         check_positive_int("n_latents", n_latents)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hsae.config import SAEConfig
 from hsae.errors import HsaeError
 from hsae.sae.base import (
     AuxKMixin,
@@ -59,12 +60,13 @@ class HierarchicalSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         d_model: int,
         n_latents: int,
         k: int,
-        n_children: int = 3,  # 1 + 3 divides the usual power-of-two widths
-        k_child: int = 1,  # the paper: one child per active parent
-        k_aux: int | None = None,
-        aux_coeff: float = 1 / 32,
+        # Defaults (and why): hsae.config.SAEConfig, the one place they are written.
+        n_children: int = SAEConfig.n_children,
+        k_child: int = SAEConfig.k_child,
+        k_aux: int | None = SAEConfig.k_aux,
+        aux_coeff: float = SAEConfig.aux_coeff,
         dead_tokens_threshold: int | None = None,
-        parent_recon_coeff: float = 0.0,  # the paper's loss
+        parent_recon_coeff: float = SAEConfig.parent_recon_coeff,
     ):
         super().__init__()
         check_positive_int("n_latents", n_latents)

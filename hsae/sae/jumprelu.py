@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hsae.config import SAEConfig
 from hsae.errors import HsaeError
 from hsae.sae.base import (
     ForwardOutput,
@@ -82,10 +83,11 @@ class JumpReLUSAE(UnitNormDecoderMixin, SparseAutoencoder):
         self,
         d_model: int,
         n_latents: int,
-        bandwidth: float = 0.001,  # the paper's epsilon
-        sparsity_coeff: float = 1e-3,  # lambda: L0 cost in units of the FVU
-        sparsity_warmup_fraction: float = 0.1,
-        init_threshold: float = 0.001,  # the paper's theta_0
+        # Defaults (and why): hsae.config.SAEConfig, the one place they are written.
+        bandwidth: float = SAEConfig.bandwidth,
+        sparsity_coeff: float = SAEConfig.sparsity_coeff,
+        sparsity_warmup_fraction: float = SAEConfig.sparsity_warmup_fraction,
+        init_threshold: float = SAEConfig.init_threshold,
     ):
         super().__init__()
         check_positive_int("n_latents", n_latents)

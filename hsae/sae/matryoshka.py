@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hsae.config import MATRYOSHKA_GROUP_FRACTIONS, SAEConfig
 from hsae.errors import HsaeError
 from hsae.sae.base import ForwardOutput, normalized_mse, topk_codes
 from hsae.sae.batchtopk import ThresholdMixin
@@ -31,7 +32,6 @@ from hsae.sae.sparse import batch_topk_indices, sparse_decode
 from hsae.sae.topk import TopKSAE
 
 ACTIVATIONS = ("batchtopk", "topk")
-DEFAULT_GROUP_FRACTIONS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # prefixes double in width
 
 
 def group_ends(group_fractions: Sequence[float], n_latents: int) -> list[int]:
@@ -65,13 +65,14 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
         d_model: int,
         n_latents: int,
         k: int,
-        group_fractions: Sequence[float] = DEFAULT_GROUP_FRACTIONS,
-        n_random_prefixes: int = 0,
-        activation: str = "batchtopk",  # Bussmann et al.'s choice
-        k_aux: int | None = None,
-        aux_coeff: float = 1 / 32,
+        # Defaults (and why): hsae.config.SAEConfig, the one place they are written.
+        group_fractions: Sequence[float] = MATRYOSHKA_GROUP_FRACTIONS,
+        n_random_prefixes: int = SAEConfig.n_random_prefixes,
+        activation: str = SAEConfig.activation,
+        k_aux: int | None = SAEConfig.k_aux,
+        aux_coeff: float = SAEConfig.aux_coeff,
         dead_tokens_threshold: int | None = None,
-        threshold_momentum: float = 0.01,
+        threshold_momentum: float = SAEConfig.threshold_momentum,
     ):
         if activation not in ACTIVATIONS:
             raise HsaeError(

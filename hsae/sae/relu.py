@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hsae.config import SAEConfig
 from hsae.errors import HsaeError
 from hsae.sae.base import (
     ForwardOutput,
@@ -57,8 +58,9 @@ class ReLUSAE(L1PenaltyMixin, SparseAutoencoder):
         self,
         d_model: int,
         n_latents: int,
-        l1_coeff: float = 5.0,  # on the update's scale: see hsae.sae.base.l1_scale
-        l1_warmup_fraction: float = 0.05,
+        # Defaults (and why): hsae.config.SAEConfig, the one place they are written.
+        l1_coeff: float = SAEConfig.l1_coeff,
+        l1_warmup_fraction: float = SAEConfig.l1_warmup_fraction,
     ):
         super().__init__()
         check_positive_int("n_latents", n_latents)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hsae.config import SAEConfig
 from hsae.sae.base import (
     AuxKMixin,
     ForwardOutput,
@@ -40,8 +41,9 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         d_model: int,
         n_latents: int,
         k: int,
-        k_aux: int | None = None,
-        aux_coeff: float = 1 / 32,  # the paper's weight
+        # Defaults (and why): hsae.config.SAEConfig, the one place they are written.
+        k_aux: int | None = SAEConfig.k_aux,
+        aux_coeff: float = SAEConfig.aux_coeff,
         # Rows; None: no latent counts as dead until the trainer sets the window (AuxKMixin).
         dead_tokens_threshold: int | None = None,
     ):
