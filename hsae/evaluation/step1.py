@@ -1,5 +1,7 @@
 """Step 1: hierarchy metrics of one backbone layer (``hier/...``), or, for HierarCaps, of its
-joint image-text space; written as one JSON record per (backbone, layer, tokens, dataset)."""
+joint image-text space; plus, for backbones whose forward pass builds a segment tree (CAST,
+the CAST stand-in), the intra-image part-whole metrics (``part_whole/...``; NaN with a
+reason for the others). Written as one JSON record per (backbone, layer, tokens, dataset)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,13 @@ from hsae.cache import resolve_device
 from hsae.errors import HsaeError
 from hsae.evaluation.inputs import image_features
 from hsae.evaluation.report import HIERARCAPS_METRICS, account_for, expected_step1
-from hsae.metrics.results import skipped_of
+from hsae.metrics.part_whole import MASK_KEYS, PART_WHOLE_KEYS, output_trees, per_image_scores
+from hsae.metrics.results import Metrics, skipped_of
 from hsae.rundir import write_json
+
+# Images the part-whole metrics read (the first of the split): a second forward pass, so
+# fewer than step 1's; 512 gives half-samples of 256 images.
+PART_WHOLE_IMAGES = 512
 
 
 def hierarchy_of_backbone(
@@ -24,9 +31,11 @@ def hierarchy_of_backbone(
     split: str,
     out_dir: str | Path,
     device: str,
+    part_whole_images: int = PART_WHOLE_IMAGES,
 ) -> tuple[dict[str, float], Path]:
     """Step 1: hierarchy metrics (``hier/...``) of one backbone layer's cached activations,
-    one row per image (rows of an image averaged); written to ``out_dir``."""
+    one row per image (rows of an image averaged), and the part-whole metrics of its
+    segment trees (``part_whole/...``); written to ``out_dir``."""
     from dataclasses import asdict
 
     from hsae.backbones import make_backbone
@@ -44,21 +53,106 @@ def hierarchy_of_backbone(
         path = _write_step1(out_dir, backbone_cfg, dataset_cfg, split, None, metrics, skipped)
         return metrics, path
     request = CacheRequest.from_config(backbone_cfg, cache_cfg)
-    cache = get_or_build(
-        cache_cfg.dir, backbone, asdict(backbone_cfg), make_dataset(dataset_cfg, split), request
-    )
+    dataset = make_dataset(dataset_cfg, split)
+    cache = get_or_build(cache_cfg.dir, backbone, asdict(backbone_cfg), dataset, request)
     feats, image_ids = image_features(cache)
     feats = feats.to(resolve_device(device))
     metrics = hierarchy_metrics(feats, cache.labels_nl[image_ids], cache.hierarchy)
-    skipped = skipped_of(metrics)
-    metrics = account_for(metrics, skipped, expected_step1(list(cache.hierarchy.level_names)))
-    path = _write_step1(out_dir, backbone_cfg, dataset_cfg, split, cache.path, metrics, skipped)
+    part_whole, per_image = part_whole_of_backbone(
+        backbone, dataset, resolve_device(device), part_whole_images
+    )
+    skipped = skipped_of(metrics) | skipped_of(part_whole)
+    metrics = {**metrics, **part_whole}
+    expected = expected_step1(list(cache.hierarchy.level_names)) + list(PART_WHOLE_KEYS)
+    metrics = account_for(metrics, skipped, expected)
+    path = _write_step1(
+        out_dir, backbone_cfg, dataset_cfg, split, cache.path, metrics, skipped, per_image
+    )
     return metrics, path
+
+
+def segment_tree_forward(backbone: Any) -> Any:
+    """The forward pass that returns a segment tree (``CastOutput``) from a batch of
+    ``backbone.normalize``d images, or None for a backbone without one."""
+    from hsae.backbones.cast import CastBackbone
+    from hsae.backbones.cast.stand_in import CastStandIn
+
+    if isinstance(backbone, CastBackbone):
+        return backbone.forward
+    encoder = getattr(backbone, "encoder", None)  # stand-ins (StandInBackbone)
+    if isinstance(encoder, CastStandIn):
+        return encoder.forward_tree
+    return None
+
+
+@torch.no_grad()
+def part_whole_of_backbone(
+    backbone: Any,
+    dataset: Any,
+    device: torch.device,
+    max_images: int = PART_WHOLE_IMAGES,
+    batch_size: int = 64,
+) -> tuple[Metrics, dict[str, list[float]] | None]:
+    """``part_whole/...`` of the segment trees of the first ``max_images`` images (and the
+    per-image values, for image half-samples); every key NaN with a reason for a backbone
+    without segment trees, the mask scores NaN for a dataset without part masks."""
+    metrics = Metrics()
+    forward = segment_tree_forward(backbone)
+    if forward is None:
+        for key in PART_WHOLE_KEYS:
+            metrics.undefined(
+                key,
+                f"{backbone.name} builds no segment tree (only CAST and the CAST stand-in do): "
+                "there is no part-whole hierarchy inside its images to measure",
+            )
+        return metrics, None
+    has_masks = hasattr(dataset, "masks")
+    dataset.transform = backbone.resize_crop  # CAST: RGB + superpixel ids
+    backbone.model.to(device)
+    ids, levels, confidence, n_centres = [], [], [], []
+    n = min(max_images, len(dataset))
+    for start in range(0, n, batch_size):
+        batch = [(dataset[i][0], i) for i in range(start, min(start + batch_size, n))]
+        batch = [(image, i) for image, i in batch if isinstance(image, torch.Tensor)]
+        if not batch:
+            continue
+        images = backbone.normalize(torch.stack([image for image, _ in batch]).to(device))
+        lv, conf, cent = output_trees(forward(images))
+        ids += [i for _, i in batch]
+        levels += lv
+        confidence.append(conf)
+        n_centres.append(cent)
+    if not ids:
+        raise HsaeError(f"part-whole metrics: none of the first {n} images could be read")
+    confidence_k = [_padded_concat([c[k] for c in confidence]) for k in range(len(confidence[0]))]
+    centres_k = [np.concatenate([c[k] for c in n_centres]) for k in range(len(n_centres[0]))]
+    masks = [dataset.masks(i) for i in ids] if has_masks else None
+    per_image = per_image_scores(levels, masks, confidence_k, centres_k)
+    for key in PART_WHOLE_KEYS:
+        if key in per_image:
+            metrics.set_or_undefined(
+                key, float(np.mean(per_image[key])), "undefined on these images (NaN)"
+            )
+        elif key in MASK_KEYS:
+            metrics.undefined(
+                key,
+                f"dataset {dataset.describe().get('name', type(dataset).__name__)} has no "
+                "part/object masks (dataset=synthetic_tree has)",
+            )
+        else:
+            metrics.undefined(key, "needs at least 2 images")
+    return metrics, {k: [float(x) for x in v] for k, v in per_image.items()}
+
+
+def _padded_concat(arrays: list[np.ndarray]) -> np.ndarray:
+    width = max(a.shape[1] for a in arrays)
+    return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays])
 
 
 def _write_step1(
     out_dir: str | Path, backbone_cfg: Any, dataset_cfg: Any, split: str,
     cache_path: Path | None, metrics: dict[str, float], skipped: dict[str, str],
+    part_whole_per_image: dict[str, list[float]] | None = None,
 ) -> Path:  # fmt: skip
     from dataclasses import asdict
 
@@ -70,6 +164,8 @@ def _write_step1(
     record = {"backbone": asdict(backbone_cfg), "dataset": asdict(dataset_cfg), "split": split,
               "cache": str(cache_path) if cache_path else None, "metrics": metrics,
               "skipped": skipped}  # fmt: skip
+    if part_whole_per_image is not None:  # the study's image half-samples read these
+        record["part_whole_per_image"] = part_whole_per_image
     write_json(out_path, record)
     return out_path
 

@@ -30,8 +30,19 @@ and, where the images' part and object masks are known (the ``synthetic_tree`` d
 - ``part_whole/levels_ordered``: 1 when the level best matching objects is no finer than
   the one best matching parts (wholes above parts), else 0.
 
+Scores with a chance level of 0, for a criterion that needs no second backbone (the
+CAST-vs-ViT studies' precondition: a ViT has no segment tree to compare with):
+
+- ``part_whole/part_iou_over_chance``, ``part_whole/object_iou_over_chance``: the image's
+  score minus the score of another image's segment tree (the next image's) against this
+  image's masks: what a tree with the same statistics that never looked at this image gets
+  (objects sit near the centre, so chance is well above 0);
+- ``part_whole/assignment_confidence_over_chance`` (CAST): the argmax weight minus
+  1 / (number of centres it was assigned over), the weight of a uniform assignment.
+
 Levels are compared with masks at the masks' resolution (levels are upsampled, nearest).
-Higher is better for all of them.
+Higher is better for all of them. Every score is per image first, then the mean over
+images (``per_image_scores`` keeps the per-image values for image half-samples).
 """
 
 from __future__ import annotations
@@ -152,24 +163,113 @@ def image_scores(
     return scores
 
 
-def part_whole_scores(
+# Every key step 1 reports (NaN with a reason where a backbone has no segment tree or the
+# dataset no masks): tree scores, then scores against the masks.
+TREE_KEYS = (
+    "part_whole/nesting",
+    "part_whole/nesting_adjusted",
+    "part_whole/assignment_confidence",
+    "part_whole/assignment_confidence_over_chance",
+)
+MASK_KEYS = (
+    "part_whole/part_iou",
+    "part_whole/object_iou",
+    "part_whole/part_iou_over_chance",
+    "part_whole/object_iou_over_chance",
+    "part_whole/part_level",
+    "part_whole/object_level",
+    "part_whole/levels_ordered",
+    "part_whole/part_boundary_recall",
+)
+PART_WHOLE_KEYS = TREE_KEYS + MASK_KEYS
+
+
+def _best_iou_over_levels(levels: Sequence[np.ndarray], truth_hw: np.ndarray) -> float:
+    return max(best_match_iou(upsample(level, truth_hw.shape), truth_hw) for level in levels)
+
+
+def per_image_scores(
     levels_per_image: Sequence[Sequence[np.ndarray]],
     masks: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     confidence: Sequence[np.ndarray] | None = None,
-) -> dict[str, float]:
-    """Means over images of ``image_scores``; ``masks`` one ``(object_mask, part_id)`` per
-    image; ``confidence`` (CAST) the argmax weights of every real token, per stage."""
-    if masks is not None and len(masks) != len(levels_per_image):
-        raise HsaeError(f"{len(masks)} masks for {len(levels_per_image)} images")
+    n_centres: Sequence[np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """``{key: [n_images]}``: ``image_scores`` of each image; with ``masks`` (one
+    ``(object_mask, part_id)`` per image, at least 2 images) the over-chance IoUs; with
+    ``confidence`` (per stage ``[n_images, s_k]`` argmax weights, 0 for padding) the
+    assignment confidence, and with ``n_centres`` (per stage ``[n_images]``: the real
+    centres each stage's tokens were assigned over) its excess over a uniform assignment."""
+    n = len(levels_per_image)
+    if masks is not None and len(masks) != n:
+        raise HsaeError(f"{len(masks)} masks for {n} images")
     per_image = [
         image_scores(levels, *(masks[i] if masks is not None else (None, None)))
         for i, levels in enumerate(levels_per_image)
     ]
-    out = {k: float(np.mean([s[k] for s in per_image])) for k in per_image[0]}
+    out = {k: np.array([s[k] for s in per_image]) for k in per_image[0]}
+    if masks is not None and n >= 2:
+        # Chance: the next image's tree against this image's masks (same segment counts
+        # and sizes, blind to this image's content).
+        other = [levels_per_image[(i + 1) % n] for i in range(n)]
+        part_chance = np.array([_best_iou_over_levels(other[i], masks[i][1]) for i in range(n)])
+        object_chance = np.array(
+            [_best_iou_over_levels(other[i], masks[i][0].astype(np.int64)) for i in range(n)]
+        )
+        out["part_whole/part_iou_over_chance"] = out["part_whole/part_iou"] - part_chance
+        out["part_whole/object_iou_over_chance"] = out["part_whole/object_iou"] - object_chance
     if confidence is not None:
-        weights = np.concatenate([np.asarray(c, dtype=np.float64).ravel() for c in confidence])
-        out["part_whole/assignment_confidence"] = float(weights[weights > 0].mean())
+        weights = [np.asarray(c, dtype=np.float64).reshape(n, -1) for c in confidence]
+        real = [w > 0 for w in weights]
+        n_real = sum(r.sum(1) for r in real)
+        out["part_whole/assignment_confidence"] = sum(w.sum(1) for w in weights) / n_real
+        if n_centres is not None:
+            uniform = sum(
+                r.sum(1) / np.maximum(np.asarray(c, dtype=np.float64), 1)
+                for r, c in zip(real, n_centres, strict=True)
+            )
+            out["part_whole/assignment_confidence_over_chance"] = (
+                out["part_whole/assignment_confidence"] - uniform / n_real
+            )
     return out
+
+
+def part_whole_scores(
+    levels_per_image: Sequence[Sequence[np.ndarray]],
+    masks: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    confidence: Sequence[np.ndarray] | None = None,
+    n_centres: Sequence[np.ndarray] | None = None,
+) -> dict[str, float]:
+    """Means over images of ``per_image_scores``."""
+    scores = per_image_scores(levels_per_image, masks, confidence, n_centres)
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def tree_levels(segments_hw: np.ndarray, parents: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """An image's partitions, finest first: its superpixels (``segments_hw``), then each
+    stage's clusters (``parents[k]``: the stage-k+1 token of each stage-k token)."""
+    level = np.asarray(segments_hw, dtype=np.int64)
+    levels = [level]
+    for parent in parents:
+        level = np.asarray(parent, dtype=np.int64)[level]
+        levels.append(level)
+    return levels
+
+
+def output_trees(out) -> tuple[list[list[np.ndarray]], list[np.ndarray], list[np.ndarray]]:
+    """From a CAST forward pass (``CastOutput``): each image's levels, the argmax weights
+    per stage ``[b, s_k]`` (0 for padding) and the real centres per stage ``[b]`` (the
+    next stage's non-padded tokens; the last stage's clusters)."""
+    from hsae.backbones.cast import segment_trees
+
+    trees = segment_trees(out)
+    segments = trees.segments_bhw.cpu().numpy()
+    parents = [p.cpu().numpy() for p in trees.parents]
+    levels = [tree_levels(segments[i], [p[i] for p in parents]) for i in range(len(segments))]
+    confidence = [c.float().cpu().numpy() for c in trees.confidence]
+    n_centres = [(~pad).sum(1).cpu().numpy() for pad in out.padding[1:]]
+    last = out.assignments[-1]
+    n_centres.append(np.full(last.shape[0], last.shape[-1]))
+    return levels, confidence, n_centres
 
 
 def cache_scores(cache, dataset=None, max_images: int | None = None) -> dict[str, float]:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hsae.study import plan as plan_mod
-from hsae.study.verdict import FAMILIES, JOINT_METRICS, STEP1_SECONDARY, Metric, call
+from hsae.study.verdict import FAMILIES, JOINT_METRICS, STEP1_CHANCE, STEP1_SECONDARY, Metric, call
 
 if TYPE_CHECKING:
     from hsae.study.config import StudyConfig
@@ -381,10 +381,18 @@ def compare_study(
             base = _step1_array(step1_records, base_nets, pos, metric.key, units)
             treat = _step1_array(step1_records, treat_nets, pos, metric.key, units)
             effect = _effect_or_none(metric.key, base, treat, paired, study)
+            chance = None
+            if effect is None and metric.key in STEP1_CHANCE and not np.isfinite(base).any():
+                # The baseline kind cannot have this score (a ViT has no segment tree): the
+                # treatment is read against the score's chance level instead.
+                chance = STEP1_CHANCE[metric.key]
+                base = np.full((treat.shape[0], 1, treat.shape[2], 1), chance)
+                effect = _effect_or_none(metric.key, base, treat, False, study)
             entry["step1"][metric.key] = {
                 "better": metric.better,
                 "effect": effect,
                 "call": call(_as_effect(effect), metric.better),
+                "against_chance": chance,
             }
         if study.joint_dataset is not None:
             for metric in JOINT_METRICS:

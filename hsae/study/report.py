@@ -36,6 +36,39 @@ def _effect_row(
     )
 
 
+def part_whole_section(results: dict[str, Any]) -> list[str]:
+    """The intra-image (part-whole) step-1 scores of each unit, when any unit has them
+    (CAST, the CAST stand-in); the others' reason, once (docs/metrics.md)."""
+    from hsae.metrics.part_whole import PART_WHOLE_KEYS
+
+    records = [results["step1"][u["name"]] for u in results["units"]]
+    if not any(r["metrics"].get(k) is not None for r in records for k in PART_WHOLE_KEYS):
+        return []
+    keys = [k for k in PART_WHOLE_KEYS if any(r["metrics"].get(k) is not None for r in records)]
+    lines = [
+        "Part-whole hierarchy inside each image (`part_whole/*`: the segment tree's nesting, "
+        "its assignment confidence, agreement with the images' part and object masks; "
+        "docs/metrics.md):",
+        "",
+        "| unit | kind | " + " | ".join(k.removeprefix("part_whole/") for k in keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
+    reasons: dict[str, list[str]] = {}
+    for u, r in zip(results["units"], records, strict=True):
+        lines.append(
+            f"| {u['name']} | {u['kind']} | "
+            + " | ".join(fmt(r["metrics"].get(k)) for k in keys)
+            + " |"
+        )
+        skipped = r.get("skipped", {})
+        for why in {skipped[k] for k in keys if k in skipped}:
+            reasons.setdefault(why, []).append(u["name"])
+    lines.append("")
+    for why, names in reasons.items():
+        lines += [f"Not measured for {', '.join(names)}: {why}.", ""]
+    return lines
+
+
 def _better(b: int) -> str:
     return {1: "higher", -1: "lower"}.get(b, "(descriptive)")
 
@@ -83,6 +116,24 @@ def write_markdown(results: dict[str, Any], out_dir: Path, figures: dict[str, Pa
         lines.append("")
         if eff is None:
             lines.append(f"**Precondition (step 1):** `{pre['metric']}` could not be compared.")
+        elif pre.get("against_chance") is not None:
+            # The baseline kind has no such score (a ViT has no segment tree): the treatment
+            # alone against the score's chance level.
+            word = "HOLDS" if pre["holds"] else "DOES NOT HOLD"
+            lines.append(
+                f"**Precondition (step 1) {word}:** `{pre['metric']}` of the {treat} backbones "
+                f"= {fmt(eff['treatment_mean'])} against its chance level "
+                f"{fmt(pre['against_chance'])}: {treat} - chance = {fmt(eff['estimate'])} "
+                f"({ci}% CI {ci_text(eff)}); {base} has no such score (undefined for it: "
+                "see step 1). "
+                + (
+                    f"The {treat} backbones have the structure the study assumes, so step 3 "
+                    "tests the hypothesis."
+                    if pre["holds"]
+                    else f"The {treat} backbones do not show the structure the study assumes: "
+                    "the step-3 verdicts below do not test the hypothesis."
+                )
+            )
         else:
             word = "HOLDS" if pre["holds"] else "DOES NOT HOLD"
             lines.append(
@@ -170,11 +221,15 @@ def write_markdown(results: dict[str, Any], out_dir: Path, figures: dict[str, Pa
             + " |"
         )
     lines.append("")
+    lines += part_whole_section(results)
     for entry in comparison["layers"]:
         lines += [f"Step 1 compared, layer position {entry['layer_pos']}:", "", header, rule]
         for key, info in entry["step1"].items():
+            label = f"`{key}`"
+            if info.get("against_chance") is not None:
+                label += f" ({base} column: chance level)"
             lines.append(
-                _effect_row(f"`{key}`", _better(info["better"]), info["effect"], info["call"], ci)
+                _effect_row(label, _better(info["better"]), info["effect"], info["call"], ci)
             )
         for key, info in entry["joint"].items():
             lines.append(

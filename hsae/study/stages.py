@@ -160,7 +160,9 @@ def step1(
 ) -> dict[str, Any]:
     from hsae.cache import ActivationCache, resolve_device
     from hsae.evaluation import hierarchy_of_backbone
+    from hsae.evaluation.step1 import PART_WHOLE_IMAGES
     from hsae.metrics.hierarchy import hierarchy_metrics
+    from hsae.metrics.part_whole import PART_WHOLE_KEYS
 
     path = out_dir / "step1" / f"{unit.name}.json"
     key = {
@@ -169,6 +171,8 @@ def step1(
         "n_image_halves": study.n_image_halves,
         "joint_dataset": study.joint_dataset,
         "joint": study.joint_dataset_overrides,
+        # Records from before step 1 had part-whole metrics lack this, so they are redone.
+        "part_whole_images": PART_WHOLE_IMAGES,
     }
     if path.exists():
         record = json.loads(path.read_text())
@@ -179,7 +183,8 @@ def step1(
     metrics, raw_path = hierarchy_of_backbone(
         backbone_cfg, DatasetConfig(**dataset), cache_cfg, "val", out_dir / "step1" / "raw", device
     )
-    cache_dir = json.loads(raw_path.read_text())["cache"]
+    raw = json.loads(raw_path.read_text())
+    cache_dir = raw["cache"]
     cache = ActivationCache.open(cache_dir)
     per_image = cache.manifest["tokens_per_image"]
     feats = cache.load_all().view(-1, per_image, cache.d_model).mean(dim=1)
@@ -189,6 +194,17 @@ def step1(
     for idx in half_indices(len(feats), study.n_image_halves, study.boot_seed):
         half = hierarchy_metrics(feats[idx], labels[idx], cache.hierarchy)
         halves.append(clean_metrics(half | derived_metrics(half)))
+    # Part-whole (segment trees: CAST, the CAST stand-in): per-image values, so each half is
+    # the mean over its own half-sample of the images step 1 scored.
+    per_image = raw.get("part_whole_per_image")
+    if per_image:
+        n_scored = len(next(iter(per_image.values())))
+        for half, idx in zip(
+            halves, half_indices(n_scored, study.n_image_halves, study.boot_seed), strict=True
+        ):
+            half |= clean_metrics(
+                {k: float(np.mean(np.asarray(v)[idx])) for k, v in per_image.items()}
+            )
     joint = None
     if study.joint_dataset is not None:
         joint_ds = plan_mod.group_node("dataset", study.joint_dataset) | dict(
@@ -212,6 +228,8 @@ def step1(
         "unit": unit.name,
         "metrics": clean_metrics(metrics | derived_metrics(metrics)),
         "halves": halves,
+        # Why part-whole keys are empty (no segment tree, no masks): the report says so.
+        "skipped": {k: v for k, v in raw.get("skipped", {}).items() if k in PART_WHOLE_KEYS},
         "cache": cache_dir,
         "fingerprint": _fingerprint(cache_dir),
         "joint": joint,

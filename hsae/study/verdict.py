@@ -87,6 +87,15 @@ STEP1_SECONDARY = (
     Metric("hier/mistake_severity", -1),
     Metric("hier/ami@mean", +1),
 )
+# Step-1 scores with a chance level (docs/metrics.md): a precondition on one of them still
+# has a meaning when the baseline kind cannot have the score (a ViT has no segment tree, so
+# no part_whole/*): the treatment's interval is then read against this level.
+STEP1_CHANCE = {
+    "part_whole/part_iou_over_chance": 0.0,
+    "part_whole/object_iou_over_chance": 0.0,
+    "part_whole/assignment_confidence_over_chance": 0.0,
+    "part_whole/nesting_adjusted": 0.0,
+}
 JOINT_METRICS = (Metric("hier/kendall_tau", +1), Metric("hier/retrieval_precision", +1))
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive at this size"
 NOT_APPLICABLE = "not applicable"
@@ -223,6 +232,9 @@ def make_verdict(study: StudyConfig, comparison: dict[str, Any]) -> dict[str, An
                     "holds": holds,
                     "status": pre["call"],
                     "effect": pre["effect"],
+                    # Not None: the treatment alone against this chance level (the
+                    # baseline kind has no such score).
+                    "against_chance": pre.get("against_chance"),
                 },
                 "families": families,
             }
