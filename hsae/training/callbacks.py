@@ -29,9 +29,9 @@ def to_uint8_hwc(image_chw: torch.Tensor) -> np.ndarray:
 
 
 class LatentReport(L.Callback):
-    """Logs the report into the job's W&B run when fitting ends. A bank's job logs to CSV
-    (each member gets its own W&B run after training), so there ``hsae.training.run`` calls
-    ``log_to`` once per member, into that member's run, and the callback is not used."""
+    """Logs the report into the job's W&B run when fitting ends: a single SAE's own run. A
+    bank's job logs to CSV (each member gets its own W&B run after training), so there the
+    callback does nothing and ``hsae.training.run`` calls ``log_to`` once per member."""
 
     def __init__(
         self,

@@ -42,8 +42,9 @@ def _single_sae_key(key: str) -> str:
 
 
 class SAEModule(L.LightningModule):
-    """Trains ``sae`` (one SAE, logged as ``train/loss``, ``val/fvu``, ...) or ``bank``
-    (entries ``{"name", "sae", "lr"}``, logged as ``<name>/train/loss``, ...).
+    """Trains ``bank`` (entries ``{"name", "sae", "lr"}``, logged as ``<name>/train/loss``,
+    ...); a single SAE is a bank of one whose name is None (or ``sae`` and ``lr``), logged
+    without a prefix (``train/loss``, ``val/fvu``, ...).
 
     With ``seed`` set, every member is built right after ``torch.manual_seed(seed)`` (in a
     forked RNG, so the caller's stream is untouched), and draws its training-time random
@@ -63,13 +64,20 @@ class SAEModule(L.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False)  # the flat run config is logged instead
         if (sae is None) == (bank is None):
             raise ValueError("pass exactly one of sae (one SAE) or bank (a list of members)")
         members = [{"name": None, "sae": sae, "lr": lr}] if bank is None else bank
         self.names: list[str | None] = [m["name"] for m in members]
-        if bank is not None and (None in self.names or len(set(self.names)) < len(self.names)):
-            raise ValueError(f"bank members need distinct names; got {self.names}")
+        if self.names != [None] and (None in self.names or len(set(self.names)) < len(self.names)):
+            raise ValueError(
+                f"bank members need distinct names (only a bank of one may leave its name "
+                f"None, a single SAE); got {self.names}"
+            )
+        if self.names == [None]:  # a single SAE, recorded in the checkpoint as `sae`/`lr`
+            sae, lr, bank = members[0]["sae"], members[0]["lr"], None
+        hparams = dict(sae=sae, lr=lr, warmup_steps=warmup_steps, decay_fraction=decay_fraction)
+        hparams |= dict(bank=bank, seed=seed, compile=compile)
+        self.save_hyperparameters(hparams, logger=False)  # the flat run config is logged instead
         saes, self._rng_states = [], []
         for member in members:
             # Without a seed, members are built one after another from the caller's stream.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torchvision.transforms.functional import to_tensor
 
@@ -223,14 +223,48 @@ def _final_metrics(final: dict[str, float], prefix: str, sae: Any) -> dict[str, 
     return metrics
 
 
-def _member_name(job_name: str | None, cfg: RunConfig, member: Member) -> str:
-    if job_name:
-        return f"{job_name},{member.label}"
-    return f"{cfg.backbone.name}-l{cfg.backbone.layer}-{member.label}"
+@dataclass(frozen=True)
+class Layout:
+    """How a job's members are named and where they are recorded: all that differs between
+    a single SAE (``bank=null``: a bank of one, in the job's own dir) and a bank."""
+
+    records: list[dict[str, Any]]
+    """What each member's cfg.json holds beyond its run's config: ``tracking``, its W&B run's
+    ``{"name", "group"}`` (so evaluate.py can file its results beside it), and a bank
+    member's place in the bank."""
+    listing: Path | None
+    """The bank's ``bank.json`` (members, dirs, metrics); None for a single SAE."""
+
+    @property
+    def live(self) -> bool:
+        """A single SAE's W&B run is the job's logger, its curves logged as it trains; a
+        bank's job logs to CSV, each member's run written from it after training."""
+        return self.listing is None
+
+    def result(self, per_member: list[dict[str, float]]) -> Any:
+        """What ``train`` returns: a single SAE's metrics, or the list of the members'."""
+        return per_member[0] if self.live else per_member
 
 
-def _bank_group(group: str | None, run_dir: Path) -> str:
-    return group or f"bank_{run_dir.parent.name}_{run_dir.name}"
+def layout(
+    cfg: RunConfig, members: list[Member], run_dir: Path, name: str | None, group: str | None
+) -> Layout:
+    """A single SAE's W&B run is ``name`` (default: ``run_name``); a bank member's is
+    ``<name>,<entry label>`` (or ``<backbone>-l<layer>-<entry label>``), and without a
+    group the members share one named after the job's dir."""
+    if cfg.bank is None:
+        run = {"name": name or run_name(cfg), "group": cfg.logger.group or group}
+        return Layout([{"tracking": run}], None)
+    prefix = f"{name}," if name else f"{cfg.backbone.name}-l{cfg.backbone.layer}-"
+    group = cfg.logger.group or group or f"bank_{run_dir.parent.name}_{run_dir.name}"
+    records = [
+        {
+            "bank": {"job_dir": str(run_dir), "index": m.index, "entry": m.entry},
+            "tracking": {"name": f"{prefix}{m.label}", "group": group},
+        }
+        for m in members
+    ]
+    return Layout(records, RunDir(run_dir).bank)
 
 
 def _bank_listing(run_dir: Path, members: list[Member], lrs: list[float] | None = None) -> list:
@@ -246,10 +280,10 @@ def _bank_listing(run_dir: Path, members: list[Member], lrs: list[float] | None 
     ]
 
 
-def _check_resumable_bank(run_dir: Path, resolved: dict, members: list[Member]) -> None:
+def _check_resumable_bank(path: Path, run_dir: Path, resolved: dict, members: list[Member]) -> None:
     """A checkpoint holds one bank: resuming it with other entries is an error, not a
-    state-dict mismatch deep in Lightning. Records the bank being trained in ``bank.json``."""
-    path = RunDir(run_dir).bank
+    state-dict mismatch deep in Lightning. Records the bank being trained in ``path``
+    (``bank.json``)."""
     if RunDir(run_dir).last_ckpt.exists() and path.exists():
         stored = _what_it_computes(json.loads(path.read_text())["config"])
         new = _what_it_computes(resolved)
@@ -263,31 +297,40 @@ def _check_resumable_bank(run_dir: Path, resolved: dict, members: list[Member]) 
     write_json(path, {"config": resolved, "members": _bank_listing(run_dir, members)})
 
 
-def _member_wandb_run(
+def _open_run(cfg: RunConfig, member: Member, lr: float, run: dict[str, str | None]) -> Logger:
+    """The member's W&B run (``cfg.logger``), in its dir, with the flat config of its run."""
+    config_flat = flatten(member.resolved) | {"sae.lr": lr, "hsae.version": hsae.__version__}
+    tags = [cfg.backbone.name, f"layer{cfg.backbone.layer}", member.sae.arch, cfg.dataset.name]
+    return make_logger(cfg.logger, member.run_dir, config_flat, run["name"], tags, run["group"])
+
+
+def _finish_member_run(
+    job_logger: Logger,
+    live: bool,
     cfg: RunConfig,
     member: Member,
     sae: torch.nn.Module,
     lr: float,
     metrics: dict[str, float],
+    run: dict[str, str | None],
     caches: dict[str, Path],
-    csv_path: Path,
     report: LatentReport,
     val_cache: ActivationCache,
-    name: str,
-    group: str,
     device: torch.device,
 ) -> None:
-    """The member's own W&B run, as a single run of its config would have it: flat config,
-    curves (replayed from the job's CSV under the single-run keys), summary, latent report,
-    SAE artifact. Its files go in the member's dir. W&B failures only warn."""
-    config_flat = flatten(member.resolved) | {"sae.lr": lr, "hsae.version": hsae.__version__}
-    tags = [cfg.backbone.name, f"layer{cfg.backbone.layer}", member.sae.arch, cfg.dataset.name]
-    logger = make_logger(cfg.logger, member.run_dir, config_flat, name, tags, group=group)
-    replay_metrics(logger, csv_path, prefix=f"{member.name}/")
+    """Complete the member's own W&B run: flat config, curves, summary, latent report, SAE
+    artifact, as a single run of its config has them. A ``live`` run is the job's logger,
+    its curves and latent report (``LatentReport``) logged during training; otherwise it is
+    opened now, its curves replayed from the job's CSV under the single-run keys. W&B
+    failures only warn."""
+    logger = job_logger if live else _open_run(cfg, member, lr, run)
+    if not live:
+        csv_path = Path(job_logger.experiment.metrics_file_path)
+        replay_metrics(logger, csv_path, prefix=f"{member.name}/")
     log_summary(logger, metrics)
-    if isinstance(logger, WandbLogger):
+    if not live and isinstance(logger, WandbLogger):
         report.log_to(logger, sae, val_cache, device)
-    log_artifacts(logger, member.run_dir, caches, name)
+    log_artifacts(logger, member.run_dir, caches, run["name"])
     finish(logger)
 
 
@@ -299,17 +342,15 @@ def train(
     best member's objective).
 
     ``name`` (default: from the config) and ``group`` (default: ``logger.group``) label
-    the W&B run; a multirun passes its overrides and sweep folder. A bank member's run is
-    named ``<name>,<entry label>`` (or ``<backbone>-l<layer>-<entry label>``), and without
-    a group the members share one named after the job's dir.
+    the W&B runs (see ``layout``); a multirun passes its overrides and sweep folder.
     """
     cfg: RunConfig = to_objects(cfg_dict, RunConfig)
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg_dict, resolve=True)
     assert isinstance(resolved, dict)
-    is_bank = cfg.bank is not None
     members = make_members(cfg, resolved, run_dir)  # a bad bank entry fails before any work
+    job = layout(cfg, members, run_dir, name, group)
     if cfg.skip_finished:
         done = [finished_metrics(m.run_dir, m.resolved) for m in members]
         if all(metrics is not None for metrics in done):
@@ -317,9 +358,9 @@ def train(
                 "skipping %s: it already holds final metrics (skip_finished=false retrains)",
                 run_dir,
             )
-            return done if is_bank else done[0]  # type: ignore[return-value]
-    if is_bank:
-        _check_resumable_bank(run_dir, resolved, members)
+            return job.result(done)  # type: ignore[arg-type]
+    if job.listing:
+        _check_resumable_bank(job.listing, run_dir, resolved, members)
     opened = open_caches(cfg)  # opened once: the job reads their sizes and labels too
     caches = {split: cache.path for split, cache in opened.items()}
     # Seed after caching: building a cache draws from the global RNG, and a run must start
@@ -342,16 +383,13 @@ def train(
         {"name": m.name, "sae": _sae_spec(m.sae, cfg.backbone.d_model, rows_per_epoch), "lr": m.lr}
         for m in members
     ]
-    schedule = dict(
+    module = SAEModule(
+        bank=specs,
         warmup_steps=cfg.optim.warmup_steps,
         decay_fraction=cfg.optim.decay_fraction,
         seed=cfg.seed,
         compile=cfg.optim.compile,
     )
-    if is_bank:
-        module = SAEModule(bank=specs, **schedule)
-    else:
-        module = SAEModule(sae=specs[0]["sae"], lr=specs[0]["lr"], **schedule)
     last_ckpt = RunDir(run_dir).last_ckpt
     if last_ckpt.exists():
         check_checkpoint(last_ckpt)
@@ -364,22 +402,22 @@ def train(
             if cfg.optim.b_pre_init != "zeros":
                 sae.init_b_pre(sample, cfg.optim.b_pre_init)
 
-    tags = [cfg.backbone.name, f"layer{cfg.backbone.layer}", cfg.sae.arch, cfg.dataset.name]
-    job_name, name = name, name or run_name(cfg)
     val_cache = opened["val"]
     report = LatentReport(
         _image_loader(cfg, "val"), list(val_cache.hierarchy.class_names[-1]), seed=cfg.seed
     )
+    # The job's logger: a single SAE's own W&B run, live; a bank's CSV in the job's dir, from
+    # which each member's W&B run is written after training. The report logs into the job's
+    # W&B run when fitting ends, so only a single SAE's (a bank member's comes with its run).
+    logger = (
+        _open_run(cfg, members[0], module.lrs[0], job.records[0]["tracking"])
+        if job.live
+        else make_logger(replace(cfg.logger, kind="csv"), run_dir, {}, "", [])
+    )
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(dirpath=RunDir(run_dir).last_ckpt.parent, save_last=True)
+        ModelCheckpoint(dirpath=RunDir(run_dir).last_ckpt.parent, save_last=True),
+        report,
     ]
-    if is_bank:
-        # The job's curves go to CSV; each member gets its own W&B run after training.
-        logger = make_logger(replace(cfg.logger, kind="csv"), run_dir, {}, name, tags)
-    else:
-        config_flat = flatten(resolved) | {"sae.lr": module.lr, "hsae.version": hsae.__version__}
-        logger = make_logger(cfg.logger, run_dir, config_flat, name, tags, group=group)
-        callbacks.append(report)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -409,46 +447,22 @@ def train(
             _final_metrics(final, module.metric_prefix(i), sae) for i, sae in enumerate(module.saes)
         ]
         if trainer.is_global_zero:
-            for member, sae, lr, metrics in zip(
-                members, module.saes, module.lrs, results, strict=True
-            ):
-                # How the run is labelled in W&B, so evaluate.py can file its results beside it.
-                extra: dict[str, Any] = {
-                    "tracking": {"name": name, "group": cfg.logger.group or group}
-                }
-                if is_bank:
-                    extra = {
-                        "bank": {
-                            "job_dir": str(run_dir),
-                            "index": member.index,
-                            "entry": member.entry,
-                        },
-                        "tracking": {
-                            "name": _member_name(job_name, cfg, member),
-                            "group": cfg.logger.group or _bank_group(group, run_dir),
-                        },
-                    }
+            per_member = list(
+                zip(members, module.saes, module.lrs, results, job.records, strict=True)
+            )
+            for member, sae, lr, metrics, record in per_member:
                 _write_run_files(
-                    member.run_dir, sae, lr, cfg, member.resolved, caches, metrics, extra
+                    member.run_dir, sae, lr, cfg, member.resolved, caches, metrics, record
                 )
-            if not is_bank:
-                log_summary(logger, results[0])
-                log_artifacts(logger, run_dir, caches, name)
-                finish(logger)
-            else:
+            if job.listing:
                 listing = _bank_listing(run_dir, members, module.lrs)
                 for entry, metrics in zip(listing, results, strict=True):
                     entry["metrics"] = metrics
-                write_json(RunDir(run_dir).bank, {"config": resolved, "members": listing})
-                if cfg.logger.kind == "wandb":
-                    csv_path = Path(logger.experiment.metrics_file_path)
-                    for member, sae, lr, metrics in zip(
-                        members, module.saes, module.lrs, results, strict=True
-                    ):
-                        _member_wandb_run(
-                            cfg, member, sae, lr, metrics, caches, csv_path, report, val_cache,
-                            _member_name(job_name, cfg, member), _bank_group(group, run_dir),
-                            module.device,
-                        )  # fmt: skip
+                write_json(job.listing, {"config": resolved, "members": listing})
+            for member, sae, lr, metrics, record in per_member:
+                _finish_member_run(
+                    logger, job.live, cfg, member, sae, lr, metrics, record["tracking"], caches,
+                    report, val_cache, module.device,
+                )  # fmt: skip
             log.info("run dir: %s", run_dir)
-    return results if is_bank else results[0]
+    return job.result(results)
