@@ -180,6 +180,11 @@ def test_all_tokens_draw_the_patches_and_skip_the_class_token():
     assert heat_args["grid_hw"] == (3, 3) and "not drawn" in note
     values = heat_args["patch_maps"](np.array([2, 0]), np.array([0, 1]), np.array([0, 0]))
     assert values.tolist() == [list(range(21, 30)), list(range(1, 10))]  # rows 20 and 0: CLS
+    cnn = {**manifest, "token_index": list(range(9)), "tokens_per_image": 9}  # no prefix
+    assert all_tokens_grid(SimpleNamespace(manifest=cnn)) == ((3, 3), 0)
+    assert heat_sources(identity, SimpleNamespace(manifest=cnn), np.arange(4), CPU)[1] == (
+        "the latent on each patch"
+    )
     no_grid = {**manifest, "token_index": list(range(7)), "tokens_per_image": 7}
     assert all_tokens_grid(SimpleNamespace(manifest=no_grid)) is None  # 7 = 4 + 3 prefix: no
     _, note = heat_sources(identity, SimpleNamespace(manifest=no_grid), np.arange(4), CPU)

@@ -156,9 +156,7 @@ def segment_heat(
         first, last = starts[np.asarray(image_rows)], ends[np.asarray(image_rows)]
         counts = last - first
         image_r = np.repeat(np.arange(len(first)), counts)
-        rows = (
-            first[image_r] + np.arange(len(image_r)) - np.repeat(np.cumsum(counts) - counts, counts)
-        )
+        rows = np.concatenate([np.arange(a, b) for a, b in zip(first, last, strict=True)])
         codes = sae(cache.read(rows).to(device)).codes.float()
         token_r = torch.as_tensor(np.asarray(cache.row_token(rows)), device=device)
         dense = torch.zeros(len(first), n_tokens, codes.shape[1], device=device)
@@ -192,14 +190,17 @@ def heat_sources(
     if found is not None:
         grid, n_prefix = found
         offsets = np.arange(n_prefix, n_prefix + grid[0] * grid[1])
-        note = (
-            f"the latent on each patch; the {n_prefix} token(s) before the patches (class "
-            "token, registers) are not drawn, so an image ranked by its class token can show "
-            "a faint map"
-        )
+        note = "the latent on each patch"
+        if n_prefix:
+            note += (
+                f"; the {n_prefix} token(s) before the patches (class token, registers) are "
+                "not drawn, so an image ranked by its class token can show a faint map"
+            )
         return {"patch_maps": _patch_maps(sae, cache, device, offsets), "grid_hw": grid}, note
     if tokens == "all":
         return {}, "none: these tokens=all rows are not a class token and a square patch grid"
+    if tokens is None:
+        return {}, "none: rows from an activations file (no place in an image)"
     return {}, f"none: tokens={tokens} is one row per image (no place in the image to paint)"
 
 
