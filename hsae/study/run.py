@@ -280,6 +280,7 @@ def _steps(
         "stand_ins": stand_ins,
         "step1": {
             name: {k: rec[k] for k in ("metrics", "halves", "fingerprint", "joint")}
+            | {"skipped": rec.get("skipped", {})}  # why a part_whole/* key is empty
             for name, rec in step1_records.items()
         },
         "saes": sae_records,
