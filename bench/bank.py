@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from hsae.config import RunConfig, register_configs, to_objects
 from hsae.training.data import CacheDataModule
 from hsae.training.module import SAEModule
-from hsae.training.run import build_caches, train
+from hsae.training.run import open_caches, train
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BATCH = 1024
@@ -179,7 +179,7 @@ def main() -> None:
             f"optim.epochs={args.epochs}",
             "optim.warmup_steps=10",
         ]
-        caches = build_caches(to_objects(job_config(base), RunConfig))  # not timed
+        caches = open_caches(to_objects(job_config(base), RunConfig))  # not timed
         steps = args.epochs * (args.rows // BATCH)
         print(
             f"machine: {platform.machine()}, {os.cpu_count()} cores visible, "

@@ -25,8 +25,7 @@ import time
 import numpy as np
 import torch
 
-from hsae.cache import CacheRequest, get_or_build
-from hsae.cache_reader import ShuffledRowReader
+from hsae.cache import CacheRequest, ShuffledRowReader, get_or_build
 from hsae.config import DatasetConfig
 from hsae.data import make_dataset
 

@@ -153,7 +153,7 @@ def lightning_side(args, device, n_steps: int) -> float:
         np.save(Path(tmp) / "acts.npy", rows.astype(np.float32))
         source = ActivationArray(str(Path(tmp) / "acts.npy"), "train", val_fraction=0.01)
         cache = get_or_build(Path(tmp) / "cache", None, None, source, CacheRequest(0, "cls"))
-        data = CacheDataModule(cache.path, cache.path, batch_size=args.batch)
+        data = CacheDataModule(cache, cache, batch_size=args.batch)
         sae = {"arch": "topk", "d_model": args.d, "n_latents": args.latents, "k": args.k}
         module = SAEModule(sae=sae, lr=1e-4, warmup_steps=1, compile=args.compile)
         timer = StepTimer(args.warmup)

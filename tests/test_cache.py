@@ -227,7 +227,7 @@ def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, tiny_backbon
 
 def test_disk_space_is_checked_before_building(tmp_path, tiny_backbone, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("hsae.cache.shutil.disk_usage", lambda _: usage(100, 90, 10))
+    monkeypatch.setattr("hsae.cache.build.shutil.disk_usage", lambda _: usage(100, 90, 10))
     with pytest.raises(HsaeError, match=r"needs 0\.00 GB more .* free"):
         get_or_build(tmp_path, tiny_backbone, TINY_CFG, SyntheticShapes(4, 64), request())
 
@@ -294,7 +294,7 @@ BUILDER = textwrap.dedent(
     """
     import os, sys, time
 
-    import hsae.cache
+    import hsae.cache.build
     from hsae.cache import get_or_build
     from hsae.data import SyntheticShapes
     from tests.test_cache import TOY_CFG, TOY_REQUEST, ToyBackbone
@@ -308,7 +308,7 @@ BUILDER = textwrap.dedent(
             return super().__getitem__(i)
 
 
-    build = hsae.cache._Builder.build_from_images
+    build = hsae.cache.build._Builder.build_from_images
 
 
     def counted(self, *args, **kwargs):
@@ -317,7 +317,7 @@ BUILDER = textwrap.dedent(
         return build(self, *args, **kwargs)
 
 
-    hsae.cache._Builder.build_from_images = counted
+    hsae.cache.build._Builder.build_from_images = counted
     cache = get_or_build(root, ToyBackbone(), TOY_CFG, Slow(n_images, 64, 0), TOY_REQUEST)
     print(cache.path, cache.n_rows, flush=True)
     """
@@ -397,3 +397,63 @@ def test_two_concurrent_builders_build_one_cache_once(tmp_path):
     cache = ActivationCache.open(lines[0][0], verify=True)
     assert cache.n_rows == 48 and len(cache.shards) == 6
     assert json.loads((Path(lines[0][0]) / MANIFEST).read_text())["n_rows"] == 48
+
+
+# ---- keys: an existing cache keeps its folder ----------------------------------------
+
+
+class FixedFingerprint(ToyBackbone):
+    def fingerprint(self) -> str:
+        return (
+            "0123456789abcdef"  # the real one hashes weights, which torch versions may init apart
+        )
+
+
+@pytest.mark.parametrize(
+    "tokens,name",
+    [
+        ("mean", "synthetic-train_toy_l1_mean_c2ae26c58bf25dbd"),
+        ("cls", "synthetic-train_toy_l1_cls_85db72095eb33732"),
+    ],
+)
+def test_cache_keys_are_pinned(tmp_path, tokens, name):
+    """The folder names the key code gave before hsae.cache became a package: a changed key
+    would silently rebuild every existing cache."""
+    from hsae.cache.key import cache_dir_for, cache_spec
+
+    spec = cache_spec(
+        FixedFingerprint(), TOY_CFG, SyntheticShapes(10, 64, 0), request(layer=1, tokens=tokens)
+    )
+    assert cache_dir_for(tmp_path, spec, "toy") == tmp_path.resolve() / name
+
+
+def test_activation_file_cache_key_is_pinned(tmp_path):
+    np.save(tmp_path / "acts.npy", np.arange(40 * 4, dtype=np.float32).reshape(40, 4))
+    source = make_dataset(
+        DatasetConfig(name="activations", path=str(tmp_path / "acts.npy")), "train"
+    )
+    cache = get_or_build(tmp_path / "c", None, None, source, request(dtype="float32"))
+    assert cache.path.name == "activations-train_acts_4420f8d9b0a30151"
+    assert cache.manifest["key"] == "4420f8d9b0a30151"
+
+
+def test_a_pickled_cache_is_its_folder_reopened(tmp_path):
+    """ddp_spawn and spawned loader workers pickle the cache: it travels as its path, not as
+    a copy of its shards, and reopens to the same rows."""
+    import pickle
+
+    acts = np.random.default_rng(0).normal(size=(4000, 32)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", acts)
+    source = make_dataset(
+        DatasetConfig(name="activations", path=str(tmp_path / "acts.npy")), "train"
+    )
+    cache = get_or_build(
+        tmp_path / "c", None, None, source, request(dtype="float32", shard_rows=1000)
+    )
+    data = pickle.dumps(cache)
+    shard_bytes = sum(s.nbytes for s in cache.shards)
+    assert len(data) < 1000 < shard_bytes  # ~300 bytes vs ~460 kB of rows
+    again = pickle.loads(data)
+    assert isinstance(again, ActivationCache) and again.path == cache.path
+    rows = np.arange(0, cache.n_rows, 7)
+    torch.testing.assert_close(again.read(rows), cache.read(rows), rtol=0, atol=0)

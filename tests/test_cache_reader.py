@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hsae.cache import CacheRequest, get_or_build
-from hsae.cache_reader import ShuffledRowReader
+from hsae.cache import CacheRequest, ShuffledRowReader, get_or_build
 from hsae.config import DatasetConfig
 from hsae.data import make_dataset
 from hsae.errors import HsaeError
@@ -128,6 +127,24 @@ def test_bad_arguments_are_errors(cache, monkeypatch):
         ShuffledRowReader(cache, 64, buffer_rows=32)
     # Inside one of several DataLoader workers every worker would read the same rows.
     worker = type("WorkerInfo", (), {"num_workers": 2, "id": 0})()
-    monkeypatch.setattr("hsae.cache_reader.get_worker_info", lambda: worker)
+    monkeypatch.setattr("hsae.cache.shuffled.get_worker_info", lambda: worker)
     with pytest.raises(HsaeError, match="num_workers=0"):
         next(iter(ShuffledRowReader(cache, 8)))
+
+
+def test_the_datamodule_reads_the_cache_it_is_handed(cache, monkeypatch):
+    """A training job opens each cache once: the DataModule reads the opened cache it is
+    given (never reopens it by path) and refuses a path with the fix."""
+    from hsae.cache import ActivationCache
+    from hsae.training.data import CacheDataModule
+
+    with pytest.raises(HsaeError, match=r"opened caches, got PosixPath .*ActivationCache\.open"):
+        CacheDataModule(cache.path, cache, batch_size=64)
+    opens = []
+    monkeypatch.setattr(ActivationCache, "open", lambda *a, **k: opens.append(a))
+    data = CacheDataModule(cache, cache, batch_size=64, in_memory=False)
+    data.setup()
+    assert data.train_rows.cache is cache and data.val_rows.cache is cache and opens == []
+    streamed = torch.cat(list(data.train_dataloader()))
+    assert len(streamed) == cache.n_rows // 64 * 64
+    assert sorted(row_ids(streamed)) == sorted(set(row_ids(streamed)))  # each row once

@@ -61,7 +61,7 @@ def test_rows_in_memory_stay_in_the_storage_dtype(train_in_process, cache_dir, t
     train_in_process(tmp_path / "run")  # builds the cache (or reuses it)
     path = train_cache(cache_dir)
     cache = ActivationCache.open(path)
-    data = CacheDataModule(path, path, batch_size=64, in_memory=True)
+    data = CacheDataModule(cache, cache, batch_size=64, in_memory=True)
     data.setup()
     assert data.train_rows.data.dtype == torch.float16  # half of float32's RAM
     rows = [5, 0, 17, 3]
@@ -80,7 +80,7 @@ def test_rows_move_to_the_gpu_when_they_fit(train_in_process, cache_dir, tmp_pat
     run = train_in_process(tmp_path / "gpu", "trainer=gpu")
     assert run["fvu"] < 1
     path = train_cache(cache_dir)
-    data = CacheDataModule(path, path, batch_size=64)
+    data = CacheDataModule(ActivationCache.open(path), ActivationCache.open(path), batch_size=64)
     module = SAEModule(sae={"arch": "topk", "d_model": 128, "n_latents": 256, "k": 4})
     trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip

@@ -5,20 +5,21 @@ loader costs one indexed copy per batch. Under DDP, ``GlobalBatchSampler`` cuts 
 global batch into one contiguous share per rank: the ranks together see exactly the
 batches a single process would, so N ranks train like one process with the same
 global batch size.
+
+The module takes opened caches (``ActivationCache``), so a training job opens each cache
+once; under DDP every rank runs the job and opens its own.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hsae.cache import ActivationCache
-from hsae.cache_reader import ShuffledRowReader
+from hsae.cache import ActivationCache, ShuffledRowReader
 from hsae.errors import HsaeError
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,8 @@ def _stack(batch: torch.Tensor) -> torch.Tensor:
 class CacheDataModule(L.LightningDataModule):
     def __init__(
         self,
-        train_dir: str | Path,
-        val_dir: str | Path,
+        train_cache: ActivationCache,
+        val_cache: ActivationCache,
         batch_size: int,
         in_memory: bool = True,
         num_workers: int = 0,
@@ -123,16 +124,22 @@ class CacheDataModule(L.LightningDataModule):
         on_device: bool = True,
     ):
         super().__init__()
+        for split, cache in (("train", train_cache), ("val", val_cache)):
+            if not isinstance(cache, ActivationCache):
+                raise HsaeError(
+                    f"CacheDataModule takes opened caches, got {type(cache).__name__} {cache!r} "
+                    f"as the {split} cache; pass ActivationCache.open(path) (or get_or_build's)"
+                )
         self.seed, self.on_device = seed, on_device
-        self.train_dir, self.val_dir = Path(train_dir), Path(val_dir)
+        self.train_cache, self.val_cache = train_cache, val_cache
         self.batch_size, self.in_memory, self.num_workers = batch_size, in_memory, num_workers
         self.train_rows: CacheRows | None = None
         self.val_rows: CacheRows | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_rows is None:
-            self.train_rows = CacheRows(ActivationCache.open(self.train_dir), self.in_memory)
-            self.val_rows = CacheRows(ActivationCache.open(self.val_dir), self.in_memory)
+            self.train_rows = CacheRows(self.train_cache, self.in_memory)
+            self.val_rows = CacheRows(self.val_cache, self.in_memory)
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         if self.in_memory and self.on_device and device.type != "cpu":
             self._move_rows(device)

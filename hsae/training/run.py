@@ -45,11 +45,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 
 
-def build_caches(cfg: RunConfig) -> dict[str, Path]:
-    """The folders of ``open_caches``' caches."""
-    return {split: cache.path for split, cache in open_caches(cfg).items()}
-
-
 def open_caches(cfg: RunConfig) -> dict[str, ActivationCache]:
     """Build (or reuse) the train and val activation caches; returns them opened.
 
@@ -368,8 +363,8 @@ def train(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = CacheDataModule(
-        caches["train"],
-        caches["val"],
+        opened["train"],
+        opened["val"],
         batch_size=cfg.optim.batch_size,
         in_memory=cfg.optim.in_memory,
         on_device=cfg.optim.on_device,

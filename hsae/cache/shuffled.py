@@ -19,16 +19,14 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from hsae.cache import ActivationCache
+from hsae.cache.files import TORCH_DTYPES
+from hsae.cache.reader import ActivationCache
 from hsae.errors import HsaeError
-
-_STORED = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -45,17 +43,52 @@ def _check_single_process() -> None:
         )
 
 
-def _open(cache: ActivationCache | str | Path) -> ActivationCache:
-    return cache if isinstance(cache, ActivationCache) else ActivationCache.open(cache)
+def _seed(*parts: int) -> int:
+    return int(np.random.default_rng(list(parts)).integers(2**63))
 
 
-class _Base(IterableDataset):
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_DONE = object()
+
+
+class ShuffledRowReader(IterableDataset):
+    """Shuffled batches ``[batch, d]`` (float32, or ``dtype``) streamed from a cache's shards.
+
+    ``chunk_rows`` consecutive rows are read at a time (about 12 MB at d=768 in float16);
+    ``buffer_rows`` rows (chunks from all over the cache, held in the storage dtype: 200 MB
+    at the defaults) are shuffled together, so the rows of a batch come from about
+    ``buffer_rows / chunk_rows`` places in the cache.
+    ``prefetch`` batches are made ahead in a background thread.
+    """
+
     def __init__(
-        self, n_rows: int, batch_size: int, seed: int, rank: int, world_size: int, drop_last: bool
+        self,
+        cache: ActivationCache,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        chunk_rows: int = 8192,
+        buffer_rows: int = 131_072,
+        prefetch: int = 4,
+        pin_memory: bool | None = None,
+        drop_last: bool = True,
+        dtype: torch.dtype | None = torch.float32,
     ):
+        self.cache = cache
+        self.stored_dtype = TORCH_DTYPES[cache.manifest["dtype"]]
+        # None: batches as stored (float16 from a float16 cache: half the copying, and the
+        # GPU converts them for free).
+        self.dtype = self.stored_dtype if dtype is None else dtype
         _check_rank(rank, world_size)
         if batch_size < 1:
             raise HsaeError(f"batch_size={batch_size} must be >= 1")
+        n_rows = cache.n_rows
         self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.rows_per_rank = n_rows // world_size
@@ -65,6 +98,14 @@ class _Base(IterableDataset):
                 f"fewer than one batch of {batch_size}; lower the batch size"
             )
         self.epoch = 0
+        if chunk_rows < 1 or buffer_rows < batch_size or prefetch < 1:
+            raise HsaeError(
+                f"chunk_rows={chunk_rows}, buffer_rows={buffer_rows}, prefetch={prefetch}: need "
+                "chunk_rows >= 1, buffer_rows >= batch_size and prefetch >= 1"
+            )
+        self.chunk_rows, self.buffer_rows, self.prefetch = chunk_rows, buffer_rows, prefetch
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._offsets = np.cumsum([0] + [len(s) for s in self.cache.shards])
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next pass shuffles for (the shuffle is a function of seed and epoch)."""
@@ -80,59 +121,6 @@ class _Base(IterableDataset):
         epoch = self.epoch
         self.epoch += 1
         return epoch
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.default_rng(list(parts)).integers(2**63))
-
-
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-_DONE = object()
-
-
-class ShuffledRowReader(_Base):
-    """Shuffled batches ``[batch, d]`` (float32, or ``dtype``) streamed from a cache's shards.
-
-    ``chunk_rows`` consecutive rows are read at a time (about 12 MB at d=768 in float16);
-    ``buffer_rows`` rows (chunks from all over the cache, held in the storage dtype: 200 MB
-    at the defaults) are shuffled together, so the rows of a batch come from about
-    ``buffer_rows / chunk_rows`` places in the cache.
-    ``prefetch`` batches are made ahead in a background thread.
-    """
-
-    def __init__(
-        self,
-        cache: ActivationCache | str | Path,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        chunk_rows: int = 8192,
-        buffer_rows: int = 131_072,
-        prefetch: int = 4,
-        pin_memory: bool | None = None,
-        drop_last: bool = True,
-        dtype: torch.dtype | None = torch.float32,
-    ):
-        self.cache = _open(cache)
-        self.stored_dtype = _STORED[self.cache.manifest["dtype"]]
-        # None: batches as stored (float16 from a float16 cache: half the copying, and the
-        # GPU converts them for free).
-        self.dtype = self.stored_dtype if dtype is None else dtype
-        super().__init__(self.cache.n_rows, batch_size, seed, rank, world_size, drop_last)
-        if chunk_rows < 1 or buffer_rows < batch_size or prefetch < 1:
-            raise HsaeError(
-                f"chunk_rows={chunk_rows}, buffer_rows={buffer_rows}, prefetch={prefetch}: need "
-                "chunk_rows >= 1, buffer_rows >= batch_size and prefetch >= 1"
-            )
-        self.chunk_rows, self.buffer_rows, self.prefetch = chunk_rows, buffer_rows, prefetch
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._offsets = np.cumsum([0] + [len(s) for s in self.cache.shards])
 
     # -- which rows this rank reads, in which order --
 
