@@ -16,7 +16,7 @@ def test_cast_study_reports_part_whole_and_its_precondition(compose, tmp_path, m
     from hsae.study.run import RESULTS, run_study
 
     monkeypatch.setenv("HSAE_HOME", str(tmp_path / "home"))
-    cfg = compose(["study=smoke_cast", f"cache.dir={tmp_path / 'cache'}"])
+    cfg = compose(["study=smoke_cast", f"cache.dir={tmp_path / 'cache'}", "logger=wandb"])
     out = tmp_path / "study"
     results = run_study(cfg, out)
 
@@ -41,3 +41,7 @@ def test_cast_study_reports_part_whole_and_its_precondition(compose, tmp_path, m
     assert "against its chance level" in text
     assert "builds no segment tree" in text
     assert report_numbers_match(out / "report.md", out / RESULTS) == []
+    # The W&B compare run holds every unit's step-1 metrics, part_whole/* included.
+    (run,) = (out / "wandb").glob("offline-run-*")
+    logged = b"".join(p.read_bytes() for p in run.glob("*.wandb"))
+    assert b"study/step1" in logged and b"part_whole/part_iou" in logged

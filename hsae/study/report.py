@@ -461,6 +461,17 @@ def verdict_table(results: dict[str, Any]) -> dict[str, Any]:
     return {"columns": columns, "rows": rows}
 
 
+def step1_table(results: dict[str, Any]) -> dict[str, Any]:
+    """Every unit's step-1 metrics (``hier/*``, ``part_whole/*``; None where undefined)."""
+    records = results["step1"]
+    keys = sorted({k for r in records.values() for k in r["metrics"]})
+    rows = [
+        [u["name"], u["kind"], u["layer"], *(records[u["name"]]["metrics"].get(k) for k in keys)]
+        for u in results["units"]
+    ]
+    return {"columns": ["unit", "kind", "layer", *keys], "rows": rows}
+
+
 def _log_wandb(
     results: dict[str, Any], out_dir: Path, figures: dict[str, Path], logger_cfg: LoggerConfig
 ) -> None:
@@ -475,7 +486,10 @@ def _log_wandb(
             summary[f"study/{fam['family']}/status/pos{pos}"] = fam["status"]
             if fam["effect"]:
                 summary[f"study/{fam['family']}/estimate/pos{pos}"] = fam["effect"]["estimate"]
-    media: dict[str, Any] = {"study/verdict": verdict_table(results)}
+    media: dict[str, Any] = {
+        "study/verdict": verdict_table(results),
+        "study/step1": step1_table(results),
+    }
     media |= {f"study/{name}": path for name, path in figures.items()}
     log_standalone_run(
         logger_cfg,
