@@ -101,3 +101,20 @@ def test_assignment_confidence_over_chance():
     # Padding (weight 0) is not a token: the same scores with padded columns.
     padded = np.concatenate([np.ones((2, 8)), np.zeros((2, 3))], axis=1)
     assert part_whole_scores(levels, confidence=[padded], n_centres=n_centres) == sure
+
+
+def test_authors_cast_superpixels_in_workers_give_the_same_scores():
+    """A `loader: cast` CAST (SEEDS superpixels, computed in DataLoader workers as the cache
+    builder does): the same scores as in-process, every key defined."""
+    import torch
+
+    from hsae.backbones.cast import CastBackbone
+    from hsae.evaluation.step1 import part_whole_of_backbone
+
+    data = SyntheticTree(12, image_size=64, seed=0, split="val")
+    tiny = CastBackbone("cast_tiny", "cast_tiny+seeds", None, init_seed=0)
+    alone, per_image = part_whole_of_backbone(tiny, data, torch.device("cpu"), 12, 4)
+    workers, _ = part_whole_of_backbone(tiny, data, torch.device("cpu"), 12, 4, num_workers=2)
+    assert alone == workers and not alone.skipped
+    assert per_image is not None and len(per_image["part_whole/nesting"]) == 12
+    assert alone["part_whole/nesting"] == 1.0

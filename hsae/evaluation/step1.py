@@ -59,7 +59,11 @@ def hierarchy_of_backbone(
     feats = feats.to(resolve_device(device))
     metrics = hierarchy_metrics(feats, cache.labels_nl[image_ids], cache.hierarchy)
     part_whole, per_image = part_whole_of_backbone(
-        backbone, dataset, resolve_device(device), part_whole_images
+        backbone,
+        dataset,
+        resolve_device(device),
+        part_whole_images,
+        num_workers=cache_cfg.num_workers,
     )
     skipped = skipped_of(metrics) | skipped_of(part_whole)
     metrics = {**metrics, **part_whole}
@@ -92,6 +96,7 @@ def part_whole_of_backbone(
     device: torch.device,
     max_images: int = PART_WHOLE_IMAGES,
     batch_size: int = 64,
+    num_workers: int = 0,
 ) -> tuple[Metrics, dict[str, list[float]] | None]:
     """``part_whole/...`` of the segment trees of the first ``max_images`` images (and the
     per-image values, for image half-samples); every key NaN with a reason for a backbone
@@ -106,14 +111,22 @@ def part_whole_of_backbone(
                 "there is no part-whole hierarchy inside its images to measure",
             )
         return metrics, None
+    from torch.utils.data import DataLoader, Subset
+
     has_masks = hasattr(dataset, "masks")
     dataset.transform = backbone.resize_crop  # CAST: RGB + superpixel ids
     backbone.model.to(device)
     ids, levels, confidence, n_centres = [], [], [], []
     n = min(max_images, len(dataset))
-    for start in range(0, n, batch_size):
-        batch = [(dataset[i][0], i) for i in range(start, min(start + batch_size, n))]
-        batch = [(image, i) for image, i in batch if isinstance(image, torch.Tensor)]
+    # Superpixels (CAST's resize_crop) in worker processes, as the cache builder computes
+    # them; unreadable images (ImageError) are left out.
+    loader = DataLoader(
+        Subset(dataset, range(n)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_readable,
+    )
+    for batch in loader:
         if not batch:
             continue
         images = backbone.normalize(torch.stack([image for image, _ in batch]).to(device))
@@ -142,6 +155,10 @@ def part_whole_of_backbone(
         else:
             metrics.undefined(key, "needs at least 2 images")
     return metrics, {k: [float(x) for x in v] for k, v in per_image.items()}
+
+
+def _readable(batch: list[tuple[Any, int]]) -> list[tuple[torch.Tensor, int]]:
+    return [(image, i) for image, i in batch if isinstance(image, torch.Tensor)]
 
 
 def _padded_concat(arrays: list[np.ndarray]) -> np.ndarray:
