@@ -163,6 +163,9 @@ class SparseAutoencoder(nn.Module, ABC):
     encoder_weights: ClassVar[tuple[str, ...]] = ("W_enc",)
     # Weights whose last axis (``[..., d]``) writes the output: multiplied on folding.
     decoder_weights: ClassVar[tuple[str, ...]] = ("W_dec",)
+    # One value per latent each (biases, JumpReLU's log thresholds): declared between the
+    # encoder and ``W_dec`` by ``_declare_parameters``, zeroed by ``reset_parameters``.
+    latent_vectors: ClassVar[tuple[str, ...]] = ("b_enc",)
     d_model: int
     n_latents: int
     b_pre: nn.Parameter
@@ -187,9 +190,38 @@ class SparseAutoencoder(nn.Module, ABC):
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes of ``x / input_scale``."""
 
-    @abstractmethod
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Reconstruction in normalised units."""
+        """Reconstruction in normalised units: each latent adds its decoder row."""
+        return codes @ self.decoder_rows() + self.b_pre
+
+    # ---- the parameters every architecture declares, and their initialisation ----------
+
+    def _declare_parameters(self, d_model: int, width: int) -> None:
+        """``b_pre [d]``, the encoder ``[d, width]`` (``encoder_weights[0]``), each of
+        ``latent_vectors`` ``[width]``, then ``W_dec [width, d]``: in this order, which is the
+        state dict's and the optimiser's (checkpoints index parameters by position).
+        Call ``reset_parameters`` once every parameter is declared."""
+        self.b_pre = nn.Parameter(torch.zeros(d_model))
+        setattr(self, self.encoder_weights[0], nn.Parameter(torch.empty(d_model, width)))
+        for name in self.latent_vectors:
+            setattr(self, name, nn.Parameter(torch.zeros(width)))
+        self.W_dec = nn.Parameter(torch.empty(width, d_model))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Decoder rows as random directions (``_init_decoder``), the encoder as the
+        decoder's transpose, ``b_pre`` and ``latent_vectors`` 0."""
+        self._init_decoder()
+        getattr(self, self.encoder_weights[0]).copy_(self.W_dec.T)
+        for name in self.latent_vectors:
+            getattr(self, name).zero_()
+        self.b_pre.zero_()
+
+    @torch.no_grad()
+    def _init_decoder(self) -> None:
+        """Rows of unit norm in uniformly drawn (Kaiming) directions; ReLU overrides it."""
+        nn.init.kaiming_uniform_(self.W_dec)
+        unit_rows_(self.W_dec)
 
     # ---- the public interface, in the input's units ------------------------------------
 
@@ -357,6 +389,11 @@ def _rescaled(
     return state
 
 
+def unit_rows_(weight: torch.Tensor) -> torch.Tensor:
+    """Divide each row (last axis) of ``weight`` by its norm, in place."""
+    return weight.div_(weight.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
 class UnitNormDecoderMixin:
     """Decoder rows (one per latent) kept at unit norm: renormalise after each optimiser
     step, and drop the gradient component along each row before it, so Adam's steps move
@@ -370,8 +407,7 @@ class UnitNormDecoderMixin:
     def normalize_decoder(self) -> None:
         self._check_not_folded("normalize_decoder")
         for name in self.unit_norm_decoders:
-            weight = getattr(self, name)
-            weight.div_(weight.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            unit_rows_(getattr(self, name))
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:

@@ -37,6 +37,11 @@ from hsae.sae.relu import L1PenaltyMixin
 class GatedSAE(L1PenaltyMixin, UnitNormDecoderMixin, SparseAutoencoder):
     arch = "gated"
     encoder_weights = ("W_gate",)  # the magnitude path reuses it
+    latent_vectors = ("b_gate", "r_mag", "b_mag")
+    W_gate: nn.Parameter
+    b_gate: nn.Parameter
+    r_mag: nn.Parameter
+    b_mag: nn.Parameter
 
     def __init__(
         self,
@@ -49,21 +54,8 @@ class GatedSAE(L1PenaltyMixin, UnitNormDecoderMixin, SparseAutoencoder):
         check_positive_int("n_latents", n_latents)
         self._init_l1(l1_coeff, l1_warmup_fraction)
         self.d_model, self.n_latents = d_model, n_latents
-        self.b_pre = nn.Parameter(torch.zeros(d_model))
-        self.W_gate = nn.Parameter(torch.empty(d_model, n_latents))
-        self.b_gate = nn.Parameter(torch.zeros(n_latents))
-        self.r_mag = nn.Parameter(torch.zeros(n_latents))
-        self.b_mag = nn.Parameter(torch.zeros(n_latents))
-        self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
+        self._declare_parameters(d_model, n_latents)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.W_dec)
-        self.normalize_decoder()
-        with torch.no_grad():
-            self.W_gate.copy_(self.W_dec.T)
-            for bias in (self.b_gate, self.r_mag, self.b_mag, self.b_pre):
-                bias.zero_()
 
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pi_gate, codes)``; the magnitude path reuses the gate's projection."""
@@ -74,9 +66,6 @@ class GatedSAE(L1PenaltyMixin, UnitNormDecoderMixin, SparseAutoencoder):
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._paths(x)[1]
-
-    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_pre
 
     def _forward(self, x: torch.Tensor) -> ForwardOutput:
         pi_gate, codes = self._paths(x)

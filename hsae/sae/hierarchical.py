@@ -46,6 +46,7 @@ from hsae.sae.base import (
     check_positive_int,
     normalized_mse,
     topk_codes,
+    unit_rows_,
 )
 
 
@@ -54,6 +55,8 @@ class HierarchicalSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
     unit_norm_decoders = ("W_dec", "W_cdec")
     encoder_weights = ("W_enc", "W_cenc")
     decoder_weights = ("W_dec", "W_cdec")
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
 
     def __init__(
         self,
@@ -90,10 +93,7 @@ class HierarchicalSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         self.k_aux, self.aux_coeff = k_aux, aux_coeff
         self.dead_tokens_threshold = dead_tokens_threshold
         self.parent_recon_coeff = parent_recon_coeff
-        self.b_pre = nn.Parameter(torch.zeros(d_model))
-        self.W_enc = nn.Parameter(torch.empty(d_model, n_parents))
-        self.b_enc = nn.Parameter(torch.zeros(n_parents))
-        self.W_dec = nn.Parameter(torch.empty(n_parents, d_model))
+        self._declare_parameters(d_model, n_parents)  # the parents' dictionary
         # [d, parent, child] so the encoder is one matmul over every child at once.
         self.W_cenc = nn.Parameter(torch.empty(d_model, n_parents, n_children))
         self.b_cenc = nn.Parameter(torch.zeros(n_parents, n_children))
@@ -101,15 +101,13 @@ class HierarchicalSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         self._init_auxk(n_parents)
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.W_dec)
+        super().reset_parameters()  # the parents; then the children the same way
         nn.init.kaiming_uniform_(self.W_cdec.view(-1, self.d_model))
-        self.normalize_decoder()
-        with torch.no_grad():
-            self.W_enc.copy_(self.W_dec.T)
-            self.W_cenc.copy_(self.W_cdec.permute(2, 0, 1))
-            for bias in (self.b_enc, self.b_cenc, self.b_pre):
-                bias.zero_()
+        unit_rows_(self.W_cdec)
+        self.W_cenc.copy_(self.W_cdec.permute(2, 0, 1))
+        self.b_cenc.zero_()
 
     def decoder_rows(self) -> torch.Tensor:
         return torch.cat([self.W_dec, self.W_cdec.reshape(-1, self.d_model)])
@@ -127,9 +125,6 @@ class HierarchicalSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._encode_parts(x)[1]
-
-    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.decoder_rows() + self.b_pre
 
     def _forward(self, x: torch.Tensor) -> ForwardOutput:
         dead_p = self.dead_latents()

@@ -78,6 +78,10 @@ class _Step(torch.autograd.Function):
 
 class JumpReLUSAE(UnitNormDecoderMixin, SparseAutoencoder):
     arch = "jumprelu"
+    latent_vectors = ("b_enc", "log_threshold")
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
+    log_threshold: nn.Parameter
 
     def __init__(
         self,
@@ -103,21 +107,13 @@ class JumpReLUSAE(UnitNormDecoderMixin, SparseAutoencoder):
         self.sparsity_warmup_fraction = sparsity_warmup_fraction
         self.init_threshold = init_threshold
         self.sparsity_warmup = 1.0  # full coefficient unless a trainer reports its progress
-        self.b_pre = nn.Parameter(torch.zeros(d_model))
-        self.W_enc = nn.Parameter(torch.empty(d_model, n_latents))
-        self.b_enc = nn.Parameter(torch.zeros(n_latents))
-        self.log_threshold = nn.Parameter(torch.empty(n_latents))
-        self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
+        self._declare_parameters(d_model, n_latents)
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.W_dec)
-        self.normalize_decoder()
-        with torch.no_grad():
-            self.W_enc.copy_(self.W_dec.T)
-            self.b_enc.zero_()
-            self.b_pre.zero_()
-            self.log_threshold.fill_(math.log(self.init_threshold))
+        super().reset_parameters()
+        self.log_threshold.fill_(math.log(self.init_threshold))
 
     def set_progress(self, step: int, total_steps: int) -> None:
         self.sparsity_warmup = warmup_scale(step, total_steps, self.sparsity_warmup_fraction)
@@ -132,9 +128,6 @@ class JumpReLUSAE(UnitNormDecoderMixin, SparseAutoencoder):
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return _JumpReLU.apply(self.pre_acts(x), self.threshold, self.bandwidth)
-
-    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_pre
 
     def _forward(self, x: torch.Tensor) -> ForwardOutput:
         pre_nk, threshold = self.pre_acts(x), self.threshold

@@ -26,7 +26,7 @@ import torch
 
 from hsae.config import MATRYOSHKA_GROUP_FRACTIONS, SAEConfig
 from hsae.errors import HsaeError
-from hsae.sae.base import ForwardOutput, normalized_mse, topk_codes
+from hsae.sae.base import topk_codes
 from hsae.sae.batchtopk import ThresholdMixin
 from hsae.sae.sparse import batch_topk_indices, sparse_decode
 from hsae.sae.topk import TopKSAE
@@ -92,13 +92,10 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
         if activation == "batchtopk":
             self._init_threshold()
 
-    def _select(self, pre_nk: torch.Tensor) -> torch.Tensor:
+    def _dense_codes(self, pre_nk: torch.Tensor) -> torch.Tensor:
         if self.activation == "topk":
             return topk_codes(pre_nk, self.k)
         return self._sparsify(pre_nk, self.k)
-
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._select(self.pre_acts(x))
 
     def prefix_ends(self) -> list[int]:
         """Widths of the prefixes that reconstruct on their own at this step."""
@@ -153,21 +150,5 @@ class MatryoshkaSAE(ThresholdMixin, TopKSAE):
         if self.activation == "batchtopk":
             self._update_threshold(codes_nk)
 
-    def _forward_dense(self, x: torch.Tensor) -> ForwardOutput:
-        dead_k = self.dead_latents()
-        pre_nk = self.pre_acts(x)
-        codes = self._select(pre_nk)
-        recons = self.reconstruct_prefixes(codes, self.prefix_ends())
-        x_hat = recons[-1]
-        prefix_loss = torch.stack([normalized_mse(r, x) for r in recons]).mean()
-        aux = self._auxk_loss(pre_nk, x, x_hat, dead_k, self.W_dec)
-        if self.training:
-            self._update_fired(codes)
-        loss = prefix_loss if aux is None else prefix_loss + aux
-        return ForwardOutput(
-            x_hat=x_hat,
-            codes=codes,
-            loss=loss,
-            recon_loss=normalized_mse(x_hat, x),
-            aux_loss=aux,
-        )
+    def _dense_reconstructions(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        return self.reconstruct_prefixes(codes, self.prefix_ends())

@@ -53,6 +53,8 @@ class L1PenaltyMixin:
 
 class ReLUSAE(L1PenaltyMixin, SparseAutoencoder):
     arch = "relu"
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
 
     def __init__(
         self,
@@ -66,25 +68,17 @@ class ReLUSAE(L1PenaltyMixin, SparseAutoencoder):
         check_positive_int("n_latents", n_latents)
         self._init_l1(l1_coeff, l1_warmup_fraction)
         self.d_model, self.n_latents = d_model, n_latents
-        self.b_pre = nn.Parameter(torch.zeros(d_model))
-        self.W_enc = nn.Parameter(torch.empty(d_model, n_latents))
-        self.b_enc = nn.Parameter(torch.zeros(n_latents))
-        self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
+        self._declare_parameters(d_model, n_latents)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            nn.init.normal_(self.W_dec)
-            self.W_dec.mul_(INIT_DECODER_NORM / self.W_dec.norm(dim=-1, keepdim=True))
-            self.W_enc.copy_(self.W_dec.T)
-            self.b_enc.zero_()
-            self.b_pre.zero_()
+    @torch.no_grad()
+    def _init_decoder(self) -> None:
+        # The update's init: Gaussian directions at norm INIT_DECODER_NORM (the decoder is free).
+        nn.init.normal_(self.W_dec)
+        self.W_dec.mul_(INIT_DECODER_NORM / self.W_dec.norm(dim=-1, keepdim=True))
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return ((x - self.b_pre) @ self.W_enc + self.b_enc).relu()
-
-    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_pre
 
     def _forward(self, x: torch.Tensor) -> ForwardOutput:
         codes = self._encode(x)

@@ -33,6 +33,8 @@ from hsae.sae.sparse import gathered_pre_acts, sparse_decode
 
 class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
     arch = "topk"
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
     sparse_kernels: bool = True
     """Train with the sparse kernels (same results as the dense step, up to rounding)."""
 
@@ -53,20 +55,9 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         self.d_model, self.n_latents, self.k = d_model, n_latents, k
         self.k_aux, self.aux_coeff = k_aux, aux_coeff
         self.dead_tokens_threshold = dead_tokens_threshold
-        self.b_pre = nn.Parameter(torch.zeros(d_model))
-        self.W_enc = nn.Parameter(torch.empty(d_model, n_latents))
-        self.b_enc = nn.Parameter(torch.zeros(n_latents))
-        self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
+        self._declare_parameters(d_model, n_latents)
         self._init_auxk(n_latents)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.W_dec)
-        self.normalize_decoder()
-        with torch.no_grad():
-            self.W_enc.copy_(self.W_dec.T)
-            self.b_enc.zero_()
-            self.b_pre.zero_()
 
     def l0_target(self) -> int | None:
         return self.k
@@ -81,9 +72,6 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._dense_codes(self.pre_acts(x))
-
-    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_pre
 
     def _forward(self, x: torch.Tensor) -> ForwardOutput:
         return self._forward_sparse(x) if self._use_sparse() else self._forward_dense(x)
@@ -119,11 +107,7 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         values = acts[:, :width] if mask is None else acts[:, :width] * mask
         recons = self._sparse_reconstructions(values, indices)
         x_hat = recons[-1]
-        # One variance for every prefix (under DDP each is an all-reduce).
-        variance = batch_variance(x)
-        losses = [normalized_mse(r, x, variance) for r in recons]
-        recon = losses[-1]
-        main = recon if len(losses) == 1 else torch.stack(losses).mean()
+        recon, main = self._recon_losses(recons, x)
         aux = None
         if aux_indices is not None:
             aux_recon = sparse_decode(acts[:, width:], aux_indices, self.W_dec)
@@ -141,14 +125,30 @@ class TopKSAE(UnitNormDecoderMixin, AuxKMixin, SparseAutoencoder):
         loss = main if aux is None else main + aux
         return ForwardOutput(x_hat=x_hat, codes=codes, loss=loss, recon_loss=recon, aux_loss=aux)
 
+    def _recon_losses(
+        self, recons: list[torch.Tensor], x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(recon, main)``: the full reconstruction's loss, and the mean over ``recons``
+        (Matryoshka's prefixes; the same as ``recon`` for one)."""
+        # One variance for every prefix (under DDP each is an all-reduce).
+        variance = batch_variance(x)
+        losses = [normalized_mse(r, x, variance) for r in recons]
+        recon = losses[-1]
+        return recon, recon if len(losses) == 1 else torch.stack(losses).mean()
+
+    def _dense_reconstructions(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """The dense step's reconstructions the loss averages over (the full one last)."""
+        return [self._decode(codes)]
+
     def _forward_dense(self, x: torch.Tensor) -> ForwardOutput:
         dead_k = self.dead_latents()
         pre_nk = self.pre_acts(x)
         codes = self._dense_codes(pre_nk)
-        x_hat = self._decode(codes)
-        recon = normalized_mse(x_hat, x)
+        recons = self._dense_reconstructions(codes)
+        x_hat = recons[-1]
+        recon, main = self._recon_losses(recons, x)
         aux = self._auxk_loss(pre_nk, x, x_hat, dead_k, self.W_dec)
         if self.training:
             self._update_fired(codes)
-        loss = recon if aux is None else recon + aux
+        loss = main if aux is None else main + aux
         return ForwardOutput(x_hat=x_hat, codes=codes, loss=loss, recon_loss=recon, aux_loss=aux)
