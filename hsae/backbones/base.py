@@ -336,6 +336,22 @@ def _first(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output  # type: ignore[return-value]
 
 
+class WholeModelBackbone(Backbone):
+    """A backbone whose ``model`` is the image tower itself, run on the images alone, with
+    its hookable layers at the module paths ``_layer_names`` (timm, torchvision)."""
+
+    _layer_names: list[str]
+
+    def image_tower(self) -> nn.Module:
+        return self.model
+
+    def _named_layers(self) -> list[tuple[str, nn.Module]]:
+        return [(name, self.model.get_submodule(name)) for name in self._layer_names]
+
+    def _run(self, images: torch.Tensor) -> None:
+        self.model(images)
+
+
 class _StopForward(Exception):
     """Raised by the deepest hook so that layers after it are not computed."""
 

@@ -20,7 +20,7 @@ import timm.data
 import torch
 from torch import nn
 
-from hsae.backbones.base import Backbone, Preprocess
+from hsae.backbones.base import Preprocess, WholeModelBackbone
 from hsae.errors import HsaeError
 
 
@@ -58,7 +58,7 @@ def _create_model(model_name: str, pretrained: str | None, init_seed: int) -> nn
         ) from e
 
 
-class TimmBackbone(Backbone):
+class TimmBackbone(WholeModelBackbone):
     def __init__(self, name: str, model_name: str, pretrained: str | None, init_seed: int = 0):
         self.name = name
         self.model = _create_model(model_name, pretrained, init_seed).eval()
@@ -87,15 +87,6 @@ class TimmBackbone(Backbone):
             data_cfg["mean"],
             data_cfg["std"],
         )
-
-    def image_tower(self) -> nn.Module:
-        return self.model
-
-    def _named_layers(self) -> list[tuple[str, nn.Module]]:
-        return [(name, self.model.get_submodule(name)) for name in self._layer_names]
-
-    def _run(self, images: torch.Tensor) -> None:
-        self.model(images)
 
     def _to_tokens(self, acts: torch.Tensor) -> torch.Tensor:
         if acts.ndim == 4 and self._channels_last:  # e.g. Swin: [B, H, W, C]

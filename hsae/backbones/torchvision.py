@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch import nn
 from torchvision.models import ResNet, VisionTransformer
 
-from hsae.backbones.base import Backbone, Preprocess
+from hsae.backbones.base import Preprocess, WholeModelBackbone
 from hsae.errors import HsaeError
 
 ALEXNET_LAYERS = (
@@ -80,7 +79,7 @@ def _create_model(model_name: str, pretrained: str | None, init_seed: int):
     return model, transform_weights
 
 
-class TorchvisionBackbone(Backbone):
+class TorchvisionBackbone(WholeModelBackbone):
     def __init__(self, name: str, model_name: str, pretrained: str | None, init_seed: int = 0):
         self.name = name
         model, weights = _create_model(model_name, pretrained, init_seed)
@@ -111,12 +110,3 @@ class TorchvisionBackbone(Backbone):
             mean=tuple(transform.mean),
             std=tuple(transform.std),
         )
-
-    def image_tower(self) -> nn.Module:
-        return self.model
-
-    def _named_layers(self) -> list[tuple[str, nn.Module]]:
-        return [(name, self.model.get_submodule(name)) for name in self._layer_names]
-
-    def _run(self, images: torch.Tensor) -> None:
-        self.model(images)

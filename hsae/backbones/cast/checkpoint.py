@@ -150,17 +150,32 @@ def map_state_dict(
                 out[name] = tensor
         if not targets:
             unmatched.append(key)
-    missing = sorted(set(expected) - set(out))
+    _check_keys_matched(
+        f"CAST {arch}",
+        "hsae's",
+        sorted(unmatched),
+        sorted(set(expected) - set(out)),
+        "Check that backbone.model_name names the checkpoint's variant (cast_small, "
+        "cast_small_deep, cast_base)",
+    )
+    return out
+
+
+def _check_keys_matched(
+    model: str, whose: str, unmatched: list[str], missing: list[str], fix: str
+) -> None:
+    """Raise, naming up to 30 of each, when checkpoint keys match nothing in ``model`` or
+    ``whose`` keys of the model get no value."""
+
+    def shown(keys: list[str]) -> str:
+        return ", ".join(keys[:30]) + (" ..." if len(keys) > 30 else "")
+
     if unmatched or missing:
         raise HsaeError(
-            f"the checkpoint does not match CAST {arch}: "
-            f"{len(unmatched)} of its keys match nothing ({', '.join(sorted(unmatched)[:30])}"
-            f"{' ...' if len(unmatched) > 30 else ''}); {len(missing)} of hsae's keys get no "
-            f"value ({', '.join(missing[:30])}{' ...' if len(missing) > 30 else ''}). Check "
-            "that backbone.model_name names the checkpoint's variant (cast_small, "
-            "cast_small_deep, cast_base)"
+            f"the checkpoint does not match {model}: {len(unmatched)} of its keys match "
+            f"nothing ({shown(unmatched)}); {len(missing)} of {whose} keys get no value "
+            f"({shown(missing)}). {fix}"
         )
-    return out
 
 
 def authors_state_dict(model_state: Mapping[str, torch.Tensor], arch: CastArch, layout: str):
@@ -214,12 +229,11 @@ def map_vit_state_dict(
         for k, v in theirs.items()
         if k not in expected or tuple(expected[k].shape) != tuple(v.shape)
     )
-    missing = sorted(set(expected) - set(theirs))
-    if unmatched or missing:
-        raise HsaeError(
-            f"the checkpoint does not match the timm ViT: {len(unmatched)} of its keys match "
-            f"nothing ({', '.join(unmatched[:30])}); {len(missing)} of the model's keys get no "
-            f"value ({', '.join(missing[:30])}). Check backbone.model_name (e.g. "
-            "vit_small_patch16_224 for MoCo-v3 ViT-S)"
-        )
+    _check_keys_matched(
+        "the timm ViT",
+        "the model's",
+        unmatched,
+        sorted(set(expected) - set(theirs)),
+        "Check backbone.model_name (e.g. vit_small_patch16_224 for MoCo-v3 ViT-S)",
+    )
     return dict(theirs)
