@@ -22,12 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hsae.config import SAEConfig
 from hsae.sae.base import (
     ForwardOutput,
     SparseAutoencoder,
     UnitNormDecoderMixin,
-    check_positive_int,
     l1_scale,
     normalized_mse,
 )
@@ -42,20 +40,7 @@ class GatedSAE(L1PenaltyMixin, UnitNormDecoderMixin, SparseAutoencoder):
     b_gate: nn.Parameter
     r_mag: nn.Parameter
     b_mag: nn.Parameter
-
-    def __init__(
-        self,
-        d_model: int,
-        n_latents: int,
-        l1_coeff: float = SAEConfig.l1_coeff,  # defaults: hsae.config.SAEConfig
-        l1_warmup_fraction: float = SAEConfig.l1_warmup_fraction,
-    ):
-        super().__init__()
-        check_positive_int("n_latents", n_latents)
-        self._init_l1(l1_coeff, l1_warmup_fraction)
-        self.d_model, self.n_latents = d_model, n_latents
-        self._declare_parameters(d_model, n_latents)
-        self.reset_parameters()
+    # Constructor: L1PenaltyMixin's (ReLU's arguments).
 
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pi_gate, codes)``; the magnitude path reuses the gate's projection."""

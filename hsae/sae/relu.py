@@ -14,6 +14,8 @@ Subtracting ``b_pre`` before encoding (the update encodes ``x`` itself) only mov
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -40,21 +42,11 @@ def check_l1(l1_coeff: float, l1_warmup_fraction: float) -> None:
 
 class L1PenaltyMixin:
     """The L1 sparsity penalty of ReLU and Gated SAEs, its coefficient warmed up linearly
-    over the first ``l1_warmup_fraction`` of training (the trainer reports progress)."""
+    over the first ``l1_warmup_fraction`` of training (the trainer reports progress), and
+    their constructor (they take the same arguments)."""
 
-    def _init_l1(self, l1_coeff: float, l1_warmup_fraction: float) -> None:
-        check_l1(l1_coeff, l1_warmup_fraction)
-        self.l1_coeff, self.l1_warmup_fraction = l1_coeff, l1_warmup_fraction
-        self.l1_warmup = 1.0  # full coefficient unless a trainer reports its progress
-
-    def set_progress(self, step: int, total_steps: int) -> None:
-        self.l1_warmup = warmup_scale(step, total_steps, self.l1_warmup_fraction)
-
-
-class ReLUSAE(L1PenaltyMixin, SparseAutoencoder):
-    arch = "relu"
-    W_enc: nn.Parameter
-    b_enc: nn.Parameter
+    _declare_parameters: Callable[[int, int], None]
+    reset_parameters: Callable[[], None]
 
     def __init__(
         self,
@@ -70,6 +62,20 @@ class ReLUSAE(L1PenaltyMixin, SparseAutoencoder):
         self.d_model, self.n_latents = d_model, n_latents
         self._declare_parameters(d_model, n_latents)
         self.reset_parameters()
+
+    def _init_l1(self, l1_coeff: float, l1_warmup_fraction: float) -> None:
+        check_l1(l1_coeff, l1_warmup_fraction)
+        self.l1_coeff, self.l1_warmup_fraction = l1_coeff, l1_warmup_fraction
+        self.l1_warmup = 1.0  # full coefficient unless a trainer reports its progress
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.l1_warmup = warmup_scale(step, total_steps, self.l1_warmup_fraction)
+
+
+class ReLUSAE(L1PenaltyMixin, SparseAutoencoder):
+    arch = "relu"
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
 
     @torch.no_grad()
     def _init_decoder(self) -> None:
