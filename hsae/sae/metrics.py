@@ -8,6 +8,8 @@ documented ones: see docs/metrics.md.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torchmetrics import Metric, MetricCollection
 
@@ -15,25 +17,40 @@ from hsae.errors import HsaeError
 from hsae.sae.base import SparseAutoencoder
 
 
-class MSE(Metric):
-    """Mean squared error per element, over every row and dimension."""
+class _RowMean(Metric):
+    """A total over every row seen divided by a count (of rows or elements), both summed
+    across DDP ranks: subclasses say what a batch adds to each (``_terms``)."""
 
-    sse: torch.Tensor
-    n_elements: torch.Tensor
+    total: torch.Tensor
+    count: torch.Tensor
 
     full_state_update = False
+    total_dtype: ClassVar[torch.dtype] = torch.float64
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.add_state("sse", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("n_elements", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0, dtype=self.total_dtype), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _terms(
+        self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor
+    ) -> tuple[torch.Tensor, int | torch.Tensor]:
+        raise NotImplementedError
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
-        self.sse += (x_hat.double() - x.double()).pow(2).sum()
-        self.n_elements += x.numel()
+        total, count = self._terms(x, x_hat, codes)
+        self.total += total
+        self.count += count
 
     def compute(self) -> torch.Tensor:
-        return (self.sse / self.n_elements).float()
+        return self.total.double().div(self.count).float()
+
+
+class MSE(_RowMean):
+    """Mean squared error per element, over every row and dimension."""
+
+    def _terms(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor):
+        return (x_hat.double() - x.double()).pow(2).sum(), x.numel()
 
 
 class FVU(Metric):
@@ -68,25 +85,13 @@ class FVU(Metric):
         return (self.sse / total.clamp_min(1e-30)).float()
 
 
-class L0(Metric):
+class L0(_RowMean):
     """Mean number of active (non-zero) latents per row."""
 
-    n_active: torch.Tensor
-    n_rows: torch.Tensor
+    total_dtype = torch.long
 
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("n_active", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("n_rows", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
-        self.n_active += (codes != 0).sum()
-        self.n_rows += codes.shape[0]
-
-    def compute(self) -> torch.Tensor:
-        return self.n_active.double().div(self.n_rows).float()
+    def _terms(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor):
+        return (codes != 0).sum(), codes.shape[0]
 
 
 class FeatureDensity(Metric):
@@ -119,25 +124,11 @@ class DeadFraction(FeatureDensity):
         return (self.fire_count == 0).float().mean()
 
 
-class L1(Metric):
+class L1(_RowMean):
     """Mean L1 norm of the codes per row (the raw penalty a ReLU SAE pays, unweighted)."""
 
-    l1: torch.Tensor
-    n_rows: torch.Tensor
-
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("l1", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("n_rows", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
-        self.l1 += codes.double().abs().sum()
-        self.n_rows += codes.shape[0]
-
-    def compute(self) -> torch.Tensor:
-        return (self.l1 / self.n_rows).float()
+    def _terms(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor):
+        return codes.double().abs().sum(), codes.shape[0]
 
 
 DENSE_THRESHOLD = 0.1  # a latent on more than 10% of rows is too common to read as a feature
@@ -150,30 +141,16 @@ class DenseFraction(FeatureDensity):
         return (self.fire_count > DENSE_THRESHOLD * self.n_rows).float().mean()
 
 
-class Shrinkage(Metric):
+class Shrinkage(_RowMean):
     """Mean over rows of ``||x_hat|| / ||x||``: 1 when reconstructions keep the input's
     norm, below 1 when a sparsity penalty shrinks them (L1 SAEs), above 1 when they
     overshoot. The norms are of the vectors as the SAE sees them (no bias removed), since
     an ``update`` sees only ``x``, ``x_hat`` and the codes; rows with ``x = 0`` are skipped."""
 
-    ratio: torch.Tensor
-    n_rows: torch.Tensor
-
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("ratio", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("n_rows", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
+    def _terms(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor):
         x_norm = x.double().norm(dim=-1)
         keep = x_norm > 0
-        self.ratio += (x_hat.double().norm(dim=-1)[keep] / x_norm[keep]).sum()
-        self.n_rows += keep.sum()
-
-    def compute(self) -> torch.Tensor:
-        return (self.ratio / self.n_rows).float()
+        return (x_hat.double().norm(dim=-1)[keep] / x_norm[keep]).sum(), keep.sum()
 
 
 def max_decoder_cosine(
