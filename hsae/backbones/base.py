@@ -14,6 +14,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,6 +116,8 @@ class Backbone(ABC):
     pre: Preprocess
     has_cls: bool = True
     n_prefix_tokens: int = 1  # tokens before the patches (CLS, distillation, registers)
+    # One row per segment token (backbone.tokens=segments, ``capture_segments``): CAST only.
+    has_segment_tokens: bool = False
     _layer_infos: list[LayerInfo] | None = None
 
     @abstractmethod
@@ -307,6 +310,26 @@ class Backbone(ABC):
         """``select_tokens`` with this model's prefix tokens."""
         return select_tokens(acts_btd, tokens, self.has_cls, self.n_prefix_tokens)
 
+    def token_index(self, n_tokens: int, tokens: str) -> torch.Tensor:
+        """The token index ``select`` returns for a layer of ``n_tokens`` tokens, without
+        activations (the cache builder records it before the first batch)."""
+        return token_layout(n_tokens, tokens, self.has_cls, self.n_prefix_tokens)
+
+    # ---- segment trees (CAST) ------------------------------------------------------
+
+    def segment_tree_forward(self) -> Callable[[torch.Tensor], Any] | None:
+        """The forward pass giving a batch's segment trees (a ``CastOutput``) from
+        ``normalize``d images, or None (the default): this backbone builds no segment tree."""
+        return None
+
+    def capture_segments(self, images: torch.Tensor, layer: int) -> tuple[Any, Any]:
+        """Segment rows of ``layer`` and each image's segment tree (``has_segment_tokens``
+        backbones only)."""
+        raise HsaeError(
+            f"{self.name} has fixed tokens, no segment tokens: capture_segments needs a CAST "
+            "backbone (loader: cast)"
+        )
+
 
 def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 (16 hex digits) over names, shapes, dtypes and bytes, in name order."""
@@ -368,19 +391,38 @@ def select_tokens(
     which averages the patch tokens: global average pooling for a CNN).
     """
     _, n_tokens, d = acts_btd.shape
-    first_patch = (1 if has_cls else 0) if n_prefix is None else n_prefix
-    patch_index = torch.arange(first_patch, n_tokens)
+    token_index = token_layout(n_tokens, tokens, has_cls, n_prefix)  # checks ``tokens``
+    first_patch = _first_patch(has_cls, n_prefix)
+    if tokens == "cls":
+        return acts_btd[:, 0], token_index
+    if tokens == "patch":
+        return acts_btd[:, first_patch:].reshape(-1, d), token_index
+    if tokens == "mean":
+        return acts_btd[:, first_patch:].mean(dim=1), token_index
+    return acts_btd.reshape(-1, d), token_index  # all
+
+
+def token_layout(
+    n_tokens: int, tokens: str, has_cls: bool = True, n_prefix: int | None = None
+) -> torch.Tensor:
+    """The token index ``select_tokens`` returns for ``n_tokens`` tokens per image."""
+    first_patch = _first_patch(has_cls, n_prefix)
     if tokens == "cls":
         if not has_cls:
             raise HsaeError(
                 "backbone.tokens=cls but this model has no CLS token (a CNN or a ViT without "
                 "one); use backbone.tokens=mean (global average pool) or patch"
             )
-        return acts_btd[:, 0], torch.tensor([0])
+        return torch.tensor([0])
     if tokens == "patch":
-        return acts_btd[:, first_patch:].reshape(-1, d), patch_index
+        return torch.arange(first_patch, n_tokens)
     if tokens == "mean":
-        return acts_btd[:, first_patch:].mean(dim=1), torch.tensor([POOLED_TOKEN])
+        return torch.tensor([POOLED_TOKEN])
     if tokens == "all":
-        return acts_btd.reshape(-1, d), torch.arange(n_tokens)
+        return torch.arange(n_tokens)
     raise HsaeError(f"backbone.tokens={tokens!r} is not valid; choose cls, patch, mean or all")
+
+
+def _first_patch(has_cls: bool, n_prefix: int | None) -> int:
+    # By default 1 prefix token with a CLS token, 0 without.
+    return (1 if has_cls else 0) if n_prefix is None else n_prefix

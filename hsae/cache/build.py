@@ -165,20 +165,15 @@ class _Builder:
         info = backbone.check_layer(req.layer)
         ragged = req.tokens == "segments"  # a different number of rows per image
         if ragged:
-            from hsae.backbones.cast import CastBackbone
-
-            if not isinstance(backbone, CastBackbone):
+            if not backbone.has_segment_tokens:
                 raise HsaeError(
                     f"backbone.tokens=segments needs a backbone with segment tokens (CAST, "
                     f"loader: cast); {backbone.name} has fixed tokens: use cls, patch or mean"
                 )
-            segment_backbone = backbone
             token_index = torch.empty(0, dtype=torch.long)
             tokens_per_image = info.n_tokens  # nominal, to size shards
         else:
-            _, token_index = backbone.select(
-                torch.zeros(1, info.n_tokens, info.d_model), req.tokens
-            )
+            token_index = backbone.token_index(info.n_tokens, req.tokens)
             tokens_per_image = len(token_index)
         n_images = len(dataset)
         plan = self._plan(n_images, max(1, req.shard_rows // tokens_per_image))
@@ -226,9 +221,7 @@ class _Builder:
                         images = backbone.normalize(images.to(device, non_blocking=True))
                         if ragged:
                             with autocast:
-                                segment_rows, trees = segment_backbone.capture_segments(
-                                    images, req.layer
-                                )
+                                segment_rows, trees = backbone.capture_segments(images, req.layer)
                             rows = segment_rows.rows_nd.float()
                             ragged_parts.append(ragged_part(kept, segment_rows, trees))
                         else:

@@ -75,20 +75,6 @@ def hierarchy_of_backbone(
     return metrics, path
 
 
-def segment_tree_forward(backbone: Any) -> Any:
-    """The forward pass that returns a segment tree (``CastOutput``) from a batch of
-    ``backbone.normalize``d images, or None for a backbone without one."""
-    from hsae.backbones.cast import CastBackbone
-    from hsae.backbones.cast.stand_in import CastStandIn
-
-    if isinstance(backbone, CastBackbone):
-        return backbone.forward
-    encoder = getattr(backbone, "encoder", None)  # stand-ins (StandInBackbone)
-    if isinstance(encoder, CastStandIn):
-        return encoder.forward_tree
-    return None
-
-
 @torch.no_grad()
 def part_whole_of_backbone(
     backbone: Any,
@@ -102,7 +88,7 @@ def part_whole_of_backbone(
     per-image values, for image half-samples); every key NaN with a reason for a backbone
     without segment trees, the mask scores NaN for a dataset without part masks."""
     metrics = Metrics()
-    forward = segment_tree_forward(backbone)
+    forward = backbone.segment_tree_forward()
     if forward is None:
         for key in PART_WHOLE_KEYS:
             metrics.undefined(

@@ -26,6 +26,7 @@ each pixel (exact in float32), and ``normalize`` leaves the id channel alone.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -106,6 +107,7 @@ class CastBackbone(Backbone):
     model: CastModel
     has_cls = True
     n_prefix_tokens = 1
+    has_segment_tokens = True
 
     def __init__(
         self,
@@ -204,6 +206,9 @@ class CastBackbone(Backbone):
         assert self.last_output is not None
         return self.last_output
 
+    def segment_tree_forward(self) -> Callable[[torch.Tensor], CastOutput]:
+        return self.forward
+
     @torch.no_grad()
     def capture(self, images: torch.Tensor, layers) -> dict[int, torch.Tensor]:
         """As ``Backbone.capture``; stage-1 positions of empty (padded) superpixels are NaN,
@@ -227,10 +232,16 @@ class CastBackbone(Backbone):
         return counts == 0
 
     def select(self, acts_btd: torch.Tensor, tokens: str):
+        token_index = self.token_index(acts_btd.shape[1], tokens)  # checks ``tokens``
         if tokens == "cls":
-            return acts_btd[:, 0], torch.tensor([0])
+            return acts_btd[:, 0], token_index
+        return acts_btd[:, 1:].nanmean(dim=1), token_index  # mean
+
+    def token_index(self, n_tokens: int, tokens: str) -> torch.Tensor:
+        if tokens == "cls":
+            return torch.tensor([0])
         if tokens == "mean":
-            return acts_btd[:, 1:].nanmean(dim=1), torch.tensor([POOLED_TOKEN])
+            return torch.tensor([POOLED_TOKEN])
         raise HsaeError(
             f"backbone.tokens={tokens!r} for CAST: valid are {', '.join(CAST_TOKENS)} "
             "(segments: one row per segment token, a different number per image)"

@@ -8,6 +8,7 @@ trains it first (logging progress), so every command works on a fresh machine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,3 +58,9 @@ class StandInBackbone(Backbone):
 
     def _run(self, images: torch.Tensor) -> None:
         self.encoder(images)
+
+    def segment_tree_forward(self) -> Callable[[torch.Tensor], Any] | None:
+        # Imported here: CAST is loaded only for a CAST stand-in (see models.py).
+        from hsae.backbones.cast.stand_in import CastStandIn
+
+        return self.encoder.forward_tree if isinstance(self.encoder, CastStandIn) else None
