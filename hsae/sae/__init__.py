@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,33 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path) -> Path:
         FOLDED_SCALE_KEY: repr(float(sae.input_scale) * sae.folded_input_scale),
     }
     save_file(sae.folded_state_dict(), str(tmp), metadata=metadata)
+    _sort_metadata(tmp)
     replace_atomic(tmp, path)
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the JSON header of the safetensors file ``path`` with its metadata keys sorted.
+
+    safetensors' Rust writer holds the metadata in a hash map with a random seed per map, so
+    the keys come out in a different order from call to call: the same SAE gave files of
+    different bytes (and sha256). Only the header changes, in place: its compact JSON with
+    minimal escaping is never longer than the writer's, and is padded with spaces to the
+    same length, so the length prefix and the data offsets stay as they are."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:
+            raise HsaeError(
+                f"{path}: the sorted safetensors header ({len(text)} bytes) is longer than the "
+                f"written one ({length}); this safetensors version writes headers hsae does not "
+                "know: report it with `pip show safetensors`"
+            )
+        f.seek(8)
+        f.write(text.ljust(length))
 
 
 def load_sae(path: str | Path, unfold: bool = False) -> SparseAutoencoder:
