@@ -37,8 +37,8 @@ from torch import nn
 
 from hsae.config import SAEConfig
 from hsae.errors import HsaeError
+from hsae.sae.auxk import AuxKMixin
 from hsae.sae.base import (
-    AuxKMixin,
     ForwardOutput,
     SparseAutoencoder,
     UnitNormDecoderMixin,

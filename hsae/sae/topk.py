@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from hsae.config import SAEConfig
+from hsae.sae.auxk import AuxKMixin
 from hsae.sae.base import (
-    AuxKMixin,
     ForwardOutput,
     SparseAutoencoder,
     UnitNormDecoderMixin,

@@ -1,5 +1,5 @@
 """The study's report, written from ``results.json`` alone: ``report.md``, its PNGs, and a
-W&B run of job type ``compare`` with the same verdict table and plots.
+W&B run of job type ``compare`` with the same verdict table and plots (``tracking``).
 
 Every number printed goes through ``fmt`` from a value held in the results, so the report
 can be checked against them (tests/test_study_report.py does).
@@ -12,10 +12,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hsae.config import LoggerConfig, flatten
+from hsae.config import LoggerConfig
 from hsae.rundir import write_atomic
 from hsae.study.figures import plot_effects_vs_l0, plot_scatter, plot_step1, plot_vs_l0
 from hsae.study.numbers import ci_text, fmt, mean_finite
+from hsae.study.tracking import log_compare_run
 from hsae.study.verdict import FAMILIES
 
 log = logging.getLogger("hsae.study")
@@ -410,94 +411,5 @@ def write_report(
                 figures[name] = path
     report = write_markdown(results, out_dir, figures)
     if logger_cfg is not None:
-        _log_wandb(results, out_dir, figures, logger_cfg)
+        log_compare_run(results, out_dir, figures, logger_cfg)
     return report
-
-
-def verdict_table(results: dict[str, Any]) -> dict[str, Any]:
-    columns = [
-        "layer_pos",
-        "family",
-        "metric",
-        "better",
-        "estimate",
-        "ci_low",
-        "ci_high",
-        "effect_size",
-        "status",
-    ]
-    rows = []
-    for layer in results["verdict"]["layers"]:
-        pre = layer["precondition"]
-        e = pre["effect"] or {}
-        rows.append(
-            [
-                layer["layer_pos"],
-                "precondition (step 1)",
-                pre["metric"],
-                "higher",
-                e.get("estimate"),
-                e.get("ci_low"),
-                e.get("ci_high"),
-                e.get("effect_size"),
-                "holds" if pre["holds"] else "does not hold",
-            ]
-        )
-        for fam in layer["families"]:
-            e = fam["effect"] or {}
-            rows.append(
-                [
-                    layer["layer_pos"],
-                    fam["family"],
-                    fam["metric"],
-                    fam["better"],
-                    e.get("estimate"),
-                    e.get("ci_low"),
-                    e.get("ci_high"),
-                    e.get("effect_size"),
-                    fam["status"],
-                ]
-            )
-    return {"columns": columns, "rows": rows}
-
-
-def step1_table(results: dict[str, Any]) -> dict[str, Any]:
-    """Every unit's step-1 metrics (``hier/*``, ``part_whole/*``; None where undefined)."""
-    records = results["step1"]
-    keys = sorted({k for r in records.values() for k in r["metrics"]})
-    rows = [
-        [u["name"], u["kind"], u["layer"], *(records[u["name"]]["metrics"].get(k) for k in keys)]
-        for u in results["units"]
-    ]
-    return {"columns": ["unit", "kind", "layer", *keys], "rows": rows}
-
-
-def _log_wandb(
-    results: dict[str, Any], out_dir: Path, figures: dict[str, Path], logger_cfg: LoggerConfig
-) -> None:
-    from hsae.tracking import log_standalone_run
-
-    study = results["study"]
-    summary: dict[str, Any] = {"n_units": len(results["units"]), "n_saes": len(results["saes"])}
-    for layer in results["verdict"]["layers"]:
-        pos = layer["layer_pos"]
-        summary[f"study/precondition_holds/pos{pos}"] = int(layer["precondition"]["holds"])
-        for fam in layer["families"]:
-            summary[f"study/{fam['family']}/status/pos{pos}"] = fam["status"]
-            if fam["effect"]:
-                summary[f"study/{fam['family']}/estimate/pos{pos}"] = fam["effect"]["estimate"]
-    media: dict[str, Any] = {
-        "study/verdict": verdict_table(results),
-        "study/step1": step1_table(results),
-    }
-    media |= {f"study/{name}": path for name, path in figures.items()}
-    log_standalone_run(
-        logger_cfg,
-        out_dir,
-        f"study/{study['name']}",
-        f"study_{study['name']}",
-        "compare",
-        flatten({"study": study}),
-        summary,
-        media,
-    )
