@@ -1,6 +1,6 @@
 """Heatmaps over CAST's segment tokens (``tokens=segments``) and over ``tokens=all``.
 
-A random-init tiny CAST caches its segment tokens of 64 px synthetic images; a stub SAE
+A random-init tiny CAST caches its segment tokens of 64 px synthetic images; a hand-set SAE
 whose latent 0 fires strongly (5.0) on exactly one segment token of one image and weakly
 (0.1) on every other row must give a painted map that is 255 on exactly that segment's
 stem-grid cells and at most 5 (= 0.1 / 5.0 * 255) everywhere else: in Python
@@ -63,7 +63,7 @@ def data() -> SyntheticShapes:
 @pytest.fixture(scope="module", params=[0, 2], ids=["stage1-superpixels", "stage3-segments"])
 def hot_case(request, tmp_path_factory, data):
     """A cache at ``layer`` (0: superpixel tokens; 2: the third stage's pooled segments),
-    the hot row (image 3's token whose segment covers the most cells), and the stub SAE."""
+    the hot row (image 3's token whose segment covers the most cells), and the hand-set SAE."""
     layer = request.param
     tiny = CastBackbone("cast_tiny", "cast_tiny+slic", None, init_seed=0)
     req = CacheRequest(layer=layer, tokens="segments", dtype="float32", batch_size=4)
@@ -107,7 +107,7 @@ def test_segment_heat_paints_the_hot_segment(hot_case):
 
 
 def hot_site(case, data, out_dir: Path):
-    """The browser of the stub SAE's two latents over the cache (thumbnails included)."""
+    """The browser of the hand-set SAE's two latents over the cache (thumbnails included)."""
     images = image_pass(case.sae, case.cache, 4096, CPU)
     labels = case.cache.labels_nl[images.image_ids]
     table = latent_table(images.acts_ik, labels, case.cache.hierarchy, n_top=N_IMAGES, n_show=4)

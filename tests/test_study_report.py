@@ -123,19 +123,7 @@ def _results(study, units, step1, saes):
     comparison = compare_study(study, units, step1, saes)
     return {
         "study": asdict(study),
-        "units": [
-            {
-                "name": u.name,
-                "network": u.network,
-                "kind": u.kind,
-                "role": u.role,
-                "config": u.config,
-                "seed": u.seed,
-                "layer_pos": 0,
-                "layer": 3,
-            }
-            for u in units
-        ],
+        "units": [u.record() for u in units],
         "stand_ins": {
             u.network: {"store": "x", "metrics": {"acc@species": 0.95, "cpcc": 0.4}} for u in units
         },

@@ -8,6 +8,7 @@ documented ones: see docs/metrics.md.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar
 
 import torch
@@ -32,10 +33,11 @@ class _RowMean(Metric):
         self.add_state("total", torch.tensor(0, dtype=self.total_dtype), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    @abstractmethod
     def _terms(
         self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor
     ) -> tuple[torch.Tensor, int | torch.Tensor]:
-        raise NotImplementedError
+        """What one batch adds to ``(total, count)``."""
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
         total, count = self._terms(x, x_hat, codes)

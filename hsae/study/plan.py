@@ -47,6 +47,19 @@ class Unit:
         """The network without its layer: what backbone-level resampling draws."""
         return self.config if self.seed is None else f"{self.config}-s{self.seed}"
 
+    def record(self) -> dict[str, Any]:
+        """The unit as ``results.json`` lists it."""
+        return {
+            "name": self.name,
+            "network": self.network,
+            "kind": self.kind,
+            "role": self.role,
+            "config": self.config,
+            "seed": self.seed,
+            "layer_pos": self.layer_pos,
+            "layer": self.backbone["layer"],
+        }
+
 
 @dataclass
 class Job:

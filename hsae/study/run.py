@@ -264,19 +264,7 @@ def _steps(
     results = {
         "study": asdict(study),
         "out_dir": str(out_dir),
-        "units": [
-            {
-                "name": u.name,
-                "network": u.network,
-                "kind": u.kind,
-                "role": u.role,
-                "config": u.config,
-                "seed": u.seed,
-                "layer_pos": u.layer_pos,
-                "layer": u.backbone["layer"],
-            }
-            for u in units
-        ],
+        "units": [u.record() for u in units],
         "stand_ins": stand_ins,
         "step1": {
             name: {k: rec[k] for k in ("metrics", "halves", "fingerprint", "joint")}
